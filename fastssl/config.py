@@ -1,0 +1,167 @@
+"""Run configuration: a dataclass schema, a YAML recipe from fastssl/configs, and ``key=value`` overrides.
+
+``load_config("byol_resnet18_fmnist", ["train.batch_size=128"])`` merges schema <- recipe <- overrides
+with OmegaConf; an unknown key, a wrong type or an impossible combination stops with a ConfigError
+that names the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and what to do."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/fashion-mnist"
+    backend: str = "auto"  # torch | dali | ffcv | auto
+    spec: str = "byol"  # a preset of pipelines.spec
+    global_size: int = 224
+    local_size: int = 96
+    n_local: int = 0
+    num_workers: int | None = None
+    cache: str = "auto"  # torch backend: ram | none | auto
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"
+    width: int = 64
+    small_images: bool = False
+
+
+@dataclass
+class MethodConfig:
+    name: str = "byol"
+    proj_hidden: int = 4096
+    proj_dim: int = 256
+    pred_hidden: int = 4096
+    base_tau: float = 0.996
+
+
+@dataclass
+class OptimConfig:
+    name: str = "lars"
+    base_lr: float = 0.2  # scaled by global_batch / 256
+    weight_decay: float = 1.5e-6
+    momentum: float = 0.9
+    eta: float = 0.001
+    warmup_epochs: float = 10.0
+    final_lr: float = 0.0
+    foreach: bool = True
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 4096  # global, over all ranks
+    epochs: int = 300
+    max_steps: int = 0  # > 0: stop after this many steps
+    precision: str = "bf16"  # bf16 | fp16 | fp32
+    channels_last: bool = True
+    seed: int = 0
+    log_every: int = 20
+    checkpoint_every: int = 0  # steps; 0: only at each epoch end
+    deterministic: bool = False
+    threads: int = 0  # CPU intra-op threads; 0: torch's default
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    knn: bool = True
+    knn_k: int = 20
+    knn_t: float = 0.07
+    knn_init: bool = False  # also evaluate the backbone at initialization (the baseline to beat)
+    knn_max_train: int = 0  # > 0: use at most this many train images as the kNN bank
+    batch_size: int = 512
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    out_dir: str = "runs/default"
+    resume: str = "auto"  # auto: newest checkpoint in out_dir if any | none | a checkpoint path
+
+
+_CHOICES = {
+    "data.backend": ("torch", "dali", "ffcv", "auto"),
+    "data.cache": ("ram", "none", "auto"),
+    "method.name": ("byol",),
+    "optim.name": ("lars",),
+    "train.precision": ("bf16", "fp16", "fp32"),
+}
+
+
+def recipe_path(name: str) -> Path:
+    """A recipe by name (``fastssl/configs/NAME.yaml``) or a path to a YAML file."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    candidate = CONFIG_DIR / f"{name}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"--config {name}: no such recipe file or name; known recipes: {', '.join(known)}")
+
+
+def load_config(name: str | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Schema <- recipe ``name`` <- ``key=value`` overrides, validated. Returns a read-only DictConfig."""
+    cfg = OmegaConf.structured(Config)
+    try:
+        if name:
+            path = recipe_path(name)
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"override {bad[0]!r}: expected key=value, e.g. train.batch_size=256")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"config key {key!r}: {_first_line(e)}") from None
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0]
+
+
+def validate(cfg: DictConfig, world_size: int = 1) -> None:
+    """Refuse impossible settings with a message naming the key."""
+    for key, choices in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r}: choose one of {', '.join(choices)}")
+    positive = ["train.batch_size", "data.global_size", "eval.knn_k", "eval.batch_size", "model.width"]
+    for key in positive:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be > 0")
+    if cfg.train.epochs <= 0 and cfg.train.max_steps <= 0:
+        raise ConfigError("train.epochs and train.max_steps are both <= 0: nothing to train")
+    if cfg.train.batch_size % world_size != 0:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is the global batch and must be divisible by the "
+            f"world size {world_size}"
+        )
+    if not 0.0 <= cfg.method.base_tau <= 1.0:
+        raise ConfigError(f"method.base_tau={cfg.method.base_tau}: must be in [0, 1]")
+    if (cfg.data.mean is None) != (cfg.data.std is None):
+        raise ConfigError("data.mean and data.std: set both or neither")

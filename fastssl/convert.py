@@ -1,0 +1,735 @@
+"""fastssl-convert: turn an ImageFolder tree or Fashion-MNIST into the shard format of ``pipelines.formats``.
+
+    fastssl-convert SRC DST [--max-side 512] [--quality 95] [--shard-size 10000] [--workers N]
+                            [--seed 0] [--limit N | --limit train=N,val=M] [--overwrite] [--no-progress]
+
+SRC is an ImageFolder tree (one folder per class; optional ``train/`` and ``val/`` sub-splits) or the
+name ``fashion-mnist``. Every sample becomes a JPEG: a JPEG that already fits ``--max-side`` is stored
+byte for byte, anything else is decoded, made RGB (or kept grayscale), shrunk so its longer side is
+``--max-side`` and encoded at ``--quality``. Files that do not decode are skipped and listed in the
+summary and in ``manifest.json``; they never stop the run.
+
+The output is a pure function of the input and the settings (same bytes on every run, whatever
+``--workers``), so a converted dataset can be checked by its manifest's sha256 sums.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import os
+import re
+import signal
+import struct
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pipelines.formats import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    SPLITS,
+    ShardWriter,
+    write_manifest,
+)
+
+PROG = "fastssl-convert"
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})  # compared lower-cased
+DEFAULT_MAX_SIDE = 512
+DEFAULT_QUALITY = 95
+DEFAULT_SHARD_SIZE = 10_000  # Fashion-MNIST: 6 train shards + 1 val shard, enough to spread over ranks
+
+FASHION_MNIST = "fashion-mnist"
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+_FASHION_MNIST_FILES = {"train": "train", "val": "t10k"}  # our split -> file prefix of the IDX files
+
+# Files this tool writes into DST; anything else there is left alone.
+_SPLIT_ALTERNATIVES = "|".join(SPLITS)
+_OUTPUT_FILE = re.compile(rf"(?:{_SPLIT_ALTERNATIVES})-\d{{5}}\.(?:tar|idx)")
+_OUTPUT_TEMP = re.compile(rf"\.(?:{_SPLIT_ALTERNATIVES})-\d{{5}}\.(?:tar|idx)\..*tmp")
+
+# EXIF orientation -> the transpose that makes the pixels upright (tag 0x0112).
+_EXIF_ORIENTATION = 0x0112
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "F"})
+
+# What a worker says about one sample: how it was stored, or (jpeg=None) why it was skipped.
+KEPT, REENCODED, RESIZED = "kept", "reencoded", "resized"
+_Result = tuple[bytes | None, str]
+
+
+class ConvertError(Exception):
+    """A user error (bad SRC, DST already converted, bad option): main() prints it without a traceback."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-sample work, run in worker processes (module-level functions so they pickle by name).
+
+
+def encode_image_bytes(data: bytes, max_side: int, quality: int) -> _Result:
+    """Turn the bytes of one image file into the JPEG to store.
+
+    Returns ``(jpeg, how)`` with ``how`` in {"kept", "reencoded", "resized"}, or ``(None, reason)`` when
+    the bytes are not a decodable image. Never raises for bad input.
+    """
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        # PIL's message names the BytesIO object by address; keep reasons deterministic.
+        return None, "not an image (no image format recognised)"
+    except Exception as e:  # any decoder failure means "skip this file"
+        return None, f"cannot read image header: {type(e).__name__}: {e}"
+    try:
+        with im:
+            return _encode_opened(im, data, max_side, quality)
+    except Exception as e:  # idem: never let one bad file stop the run
+        return None, f"cannot decode: {type(e).__name__}: {e}"
+
+
+def _encode_opened(im: Image.Image, data: bytes, max_side: int, quality: int) -> _Result:
+    width, height = im.size
+    orientation = im.getexif().get(_EXIF_ORIENTATION, 1) if im.format in ("JPEG", "WEBP", "PNG") else 1
+    fits = max(width, height) <= max_side
+    if im.format == "JPEG" and fits and im.mode in ("RGB", "L") and orientation in (0, 1):
+        im.load()  # a full decode: truncated or corrupt files must be caught here, not in a loader
+        return data, KEPT
+
+    target = _fit(width, height, max_side)
+    if not fits and im.format == "JPEG":
+        # Let libjpeg decode at 1/2, 1/4 or 1/8 scale while staying >= 2x the target: much faster for
+        # big photos, and the Lanczos pass below still sees enough pixels for a sharp result.
+        im.draft(None, (2 * target[0], 2 * target[1]))
+    im.load()
+    im = _to_rgb_or_gray(im)
+    if im.size != target:
+        im = im.resize(target, Image.Resampling.LANCZOS)
+    if orientation in _UPRIGHT:
+        # Loaders disagree on whether to honour EXIF orientation; storing upright pixels without the
+        # tag makes every backend see the same image.
+        im = im.transpose(_UPRIGHT[orientation])
+    return _jpeg(im, quality), (REENCODED if fits else RESIZED)
+
+
+def _fit(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """Size with the longer side at most ``max_side``, aspect ratio kept (each side >= 1)."""
+    if max(width, height) <= max_side:
+        return width, height
+    if width >= height:
+        return max_side, max(1, round(height * max_side / width))
+    return max(1, round(width * max_side / height)), max_side
+
+
+def _to_rgb_or_gray(im: Image.Image) -> Image.Image:
+    """Mode RGB, or L for single-channel images; transparency is flattened onto white."""
+    if im.mode in ("RGB", "L"):
+        return im
+    if im.mode.startswith("I;16"):
+        # 16-bit grayscale (e.g. PNG): keep the high byte; convert("L") would clip everything above 255.
+        return Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8), "L")
+    gray = im.mode in _GRAY_MODES
+    has_alpha = im.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (im.mode == "P" and "transparency" in im.info)
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        out = Image.new("L" if gray else "RGB", im.size, "white")
+        out.paste(rgba.convert(out.mode), mask=rgba.getchannel("A"))
+        return out
+    return im.convert("L" if gray else "RGB")
+
+
+def _jpeg(im: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    # Explicit 4:2:0 and no optimize pass: the bytes then depend only on libjpeg, not on Pillow defaults.
+    im.save(buf, "JPEG", quality=quality, subsampling="4:2:0" if im.mode == "RGB" else 0, optimize=False)
+    return buf.getvalue()
+
+
+def _encode_files(paths: Sequence[str], max_side: int, quality: int) -> list[_Result]:
+    out: list[_Result] = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            out.append((None, f"cannot read file: {e.strerror or e}"))
+            continue
+        out.append(encode_image_bytes(data, max_side, quality))
+    return out
+
+
+def _encode_gray_arrays(images: np.ndarray, quality: int) -> list[_Result]:
+    """(N, H, W) uint8 -> one grayscale JPEG per image."""
+    return [(_jpeg(Image.fromarray(a, "L"), quality), REENCODED) for a in images]
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning: what goes into each split, in which order.
+
+
+@dataclass
+class _SplitPlan:
+    """One split to convert: per-sample names and labels in output order, and how to encode them."""
+
+    name: str
+    names: list[str]  # relative path (ImageFolder) or "train/123" (Fashion-MNIST): reports and order
+    labels: list[int]
+    encode: Callable[[Any], list[_Result]]  # picklable; takes one payload chunk
+    payload: Callable[[int, int], Any]  # (start, stop) -> the chunk of work for those samples
+    chunk: int  # samples per task sent to a worker
+
+
+@dataclass
+class _Source:
+    kind: str
+    classes: list[str]
+    splits: list[_SplitPlan]
+    info: dict = field(default_factory=dict)
+
+
+def mixed_order(labels: Sequence[int], names: Sequence[str], seed: int) -> list[int]:
+    """A seeded permutation of ``range(len(labels))`` that spreads every class evenly through the list.
+
+    Loaders hand whole shards to ranks, so each shard must hold every class in about the dataset's
+    proportions: a plain shuffle does that only on average, sorted paths not at all. Each class is
+    shuffled (by a hash of seed and name) and its members are placed at evenly spaced fractional
+    positions (rank + jitter) / class_size; merging all classes by that position interleaves them.
+    Hashing, not a library RNG, so the order is the same on every platform and library version.
+    """
+    by_class: dict[int, list[tuple[bytes, int]]] = {}
+    for i, (label, name) in enumerate(zip(labels, names, strict=True)):
+        digest = hashlib.sha256(f"{seed}\0{name}".encode()).digest()
+        by_class.setdefault(label, []).append((digest, i))
+    keyed: list[tuple[float, str, int]] = []
+    for members in by_class.values():
+        members.sort()
+        n = len(members)
+        for rank, (digest, i) in enumerate(members):
+            jitter = int.from_bytes(digest[8:16], "little") / 2**64
+            keyed.append(((rank + jitter) / n, names[i], i))
+    keyed.sort()
+    return [i for _, _, i in keyed]
+
+
+def _apply_order(names: list[str], labels: list[int], seed: int, limit: int | None) -> list[int]:
+    order = mixed_order(labels, names, seed)
+    if limit is not None:
+        order = order[:limit]  # after mixing, so a subset still holds every class
+    return order
+
+
+def _scan_imagefolder(src: Path) -> tuple[dict[str, list[tuple[str, str]]], str, int]:
+    """Find image files per split: ``{split: [(relative posix path, class name)]}``, layout, ignored count."""
+    if (src / "train").is_dir():
+        layout = "train/val"
+        roots = {"train": src / "train"}
+        if (src / "val").is_dir():
+            roots["val"] = src / "val"
+    else:
+        layout = "flat"
+        roots = {"train": src}
+    found: dict[str, list[tuple[str, str]]] = {}
+    ignored = 0
+    for split, root in roots.items():
+        files: list[tuple[str, str]] = []
+        for entry in sorted(os.scandir(root), key=lambda e: e.name):
+            if entry.name.startswith("."):
+                continue
+            if not entry.is_dir():
+                ignored += 1  # files beside the class folders have no class
+                continue
+            for dirpath, dirnames, filenames in os.walk(entry.path, followlinks=True):
+                # Hidden entries are editor/OS droppings (.DS_Store, macOS "._x.jpg" forks), not data.
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                for fname in sorted(filenames):
+                    if fname.startswith(".") or os.path.splitext(fname)[1].lower() not in IMAGE_EXTENSIONS:
+                        ignored += 1
+                        continue
+                    rel = Path(dirpath, fname).relative_to(src).as_posix()
+                    files.append((rel, entry.name))
+        found[split] = files
+    return found, layout, ignored
+
+
+def _plan_imagefolder(src: Path, max_side: int, quality: int, seed: int, limits: dict[str, int | None]) -> _Source:
+    if not src.exists():
+        raise ConvertError(
+            f"{src}: no such file or directory (SRC is an ImageFolder tree or the name {FASHION_MNIST!r})"
+        )
+    if not src.is_dir():
+        raise ConvertError(f"{src}: not a directory (SRC is an ImageFolder tree or the name {FASHION_MNIST!r})")
+    found, layout, ignored = _scan_imagefolder(src)
+    exts = "/".join(sorted(IMAGE_EXTENSIONS))
+    train_root = src / "train" if layout == "train/val" else src
+    if not found["train"]:
+        raise ConvertError(f"{train_root}: no images found (expected one folder per class holding {exts} files)")
+    notes = []
+    if "val" in found and not found["val"]:
+        notes.append(f"{src / 'val'}: no images found; no val split written")
+        del found["val"]
+    # Labels index the union of class folders of all splits, so train and val agree on every label.
+    classes = sorted({cls for files in found.values() for _, cls in files})
+    class_index = {c: i for i, c in enumerate(classes)}
+    train_classes = {cls for _, cls in found["train"]}
+    extra = [c for c in classes if c not in train_classes]
+    if extra:
+        notes.append(f"classes only in val (no train images): {', '.join(extra)}")
+
+    plans = []
+    for split, files in found.items():
+        names = [rel for rel, _ in files]
+        labels = [class_index[cls] for _, cls in files]
+        order = _apply_order(names, labels, seed, limits.get(split))
+        names = [names[i] for i in order]
+        labels = [labels[i] for i in order]
+        paths = [str(src / rel) for rel in names]
+        plans.append(
+            _SplitPlan(
+                name=split,
+                names=names,
+                labels=labels,
+                encode=partial(_encode_files, max_side=max_side, quality=quality),
+                payload=lambda a, b, paths=paths: paths[a:b],
+                chunk=16,
+            )
+        )
+    info = {"kind": "imagefolder", "path": str(src.resolve()), "layout": layout, "ignored_files": ignored}
+    if notes:
+        info["notes"] = notes
+    return _Source("imagefolder", classes, plans, info)
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file of unsigned bytes (the MNIST format; gzip or plain) into an array of its shape."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise ConvertError(f"{path}: cannot read ({e})") from e
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise ConvertError(f"{path}: not an IDX file of unsigned bytes")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    if len(data) - header != int(np.prod(dims)):
+        raise ConvertError(f"{path}: holds {len(data) - header} bytes of data, header says {dims}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fastssl"
+
+
+def _load_fashion_mnist() -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
+    """``{split: (images (N, 28, 28) uint8, labels (N,) uint8)}`` and where they came from."""
+    files = {
+        split: (
+            FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz",
+            FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz",
+        )
+        for split, prefix in _FASHION_MNIST_FILES.items()
+    }
+    if all(p.is_file() for pair in files.values() for p in pair):
+        data = {split: (read_idx(img), read_idx(lbl)) for split, (img, lbl) in files.items()}
+        info = {"origin": "debian", "files": sorted(str(p) for pair in files.values() for p in pair)}
+    else:
+        cache = _cache_dir()
+        try:
+            from torchvision.datasets import FashionMNIST  # heavy import: only on this fallback path
+
+            data = {}
+            for split in _FASHION_MNIST_FILES:
+                ds = FashionMNIST(str(cache), train=split == "train", download=True)
+                data[split] = (ds.data.numpy(), ds.targets.numpy().astype(np.uint8))
+        except Exception as e:  # offline, proxy, no torchvision: one clear message
+            raise ConvertError(
+                f"Fashion-MNIST not found in {FASHION_MNIST_DIR} and downloading it into {cache} failed "
+                f"({type(e).__name__}: {e}); install it with `apt-get install dataset-fashion-mnist`"
+            ) from e
+        info = {"origin": "torchvision", "files": [str(cache / "FashionMNIST")]}
+    for split, (images, labels) in data.items():
+        if images.ndim != 3 or len(images) != len(labels) or int(labels.max(initial=0)) >= 10:
+            raise ConvertError(
+                f"Fashion-MNIST {split}: {images.shape} images vs {labels.shape} labels; files are corrupt"
+            )
+    return data, info
+
+
+def _plan_fashion_mnist(quality: int, seed: int, limits: dict[str, int | None]) -> _Source:
+    data, info = _load_fashion_mnist()
+    plans = []
+    for split, (images, labels_arr) in data.items():
+        names = [f"{split}/{i}" for i in range(len(labels_arr))]
+        labels = labels_arr.tolist()
+        order = np.asarray(_apply_order(names, labels, seed, limits.get(split)), dtype=np.int64)
+        images = images[order]  # a copy in output order, so chunks are contiguous slices
+        plans.append(
+            _SplitPlan(
+                name=split,
+                names=[names[i] for i in order],
+                labels=[labels[i] for i in order],
+                encode=partial(_encode_gray_arrays, quality=quality),
+                payload=lambda a, b, images=images: images[a:b],
+                chunk=2000,
+            )
+        )
+    return _Source(FASHION_MNIST, list(FASHION_MNIST_CLASSES), plans, {"kind": FASHION_MNIST, **info})
+
+
+# --------------------------------------------------------------------------------------------------
+# Running the plan.
+
+
+def _ordered_results(plan: _SplitPlan, pool: ProcessPoolExecutor | None, workers: int) -> Iterator[_Result]:
+    """Results of every sample of ``plan`` in plan order; at most a few chunks in flight (bounded memory)."""
+    n = len(plan.names)
+    starts = range(0, n, plan.chunk)
+    if pool is None:
+        for a in starts:
+            yield from plan.encode(plan.payload(a, min(a + plan.chunk, n)))
+        return
+    pending: deque[Future] = deque()
+    window = 4 * workers
+    for a in starts:
+        pending.append(pool.submit(plan.encode, plan.payload(a, min(a + plan.chunk, n))))
+        if len(pending) >= window:
+            yield from pending.popleft().result()
+    while pending:
+        yield from pending.popleft().result()
+
+
+def _convert_split(
+    plan: _SplitPlan,
+    dst: Path,
+    *,
+    first_key: int,
+    num_classes: int,
+    shard_size: int,
+    pool: ProcessPoolExecutor | None,
+    workers: int,
+    progress: bool,
+) -> tuple[dict, list[dict]]:
+    from tqdm import tqdm
+
+    shards: list[dict] = []
+    skipped: list[dict] = []
+    class_counts = [0] * num_classes
+    stats = {KEPT: 0, REENCODED: 0, RESIZED: 0}
+    key = first_key
+    writer: ShardWriter | None = None
+    bar = tqdm(total=len(plan.names), desc=plan.name, unit="img", file=sys.stderr, disable=not progress, leave=True)
+    try:
+        results = _ordered_results(plan, pool, workers)
+        for name, label, (jpeg, how) in zip(plan.names, plan.labels, results, strict=True):
+            bar.update(1)
+            if jpeg is None:
+                skipped.append({"split": plan.name, "path": name, "reason": how})
+                continue
+            if writer is None:
+                writer = ShardWriter(dst, plan.name, len(shards))
+            writer.write(f"{key:08d}", jpeg, label)
+            key += 1
+            class_counts[label] += 1
+            stats[how] += 1
+            if writer.count >= shard_size:
+                shards.append(vars(writer.close()))
+                writer = None
+        if writer is not None:
+            shards.append(vars(writer.close()))
+            writer = None
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        bar.close()
+    count = sum(s["count"] for s in shards)
+    return {"count": count, "shards": shards, "class_counts": class_counts, "stored": stats}, skipped
+
+
+def _prepare_dst(dst: Path, overwrite: bool) -> None:
+    if dst.exists() and not dst.is_dir():
+        raise ConvertError(f"{dst}: exists and is not a directory")
+    manifest = dst / MANIFEST
+    if manifest.exists():
+        if not overwrite:
+            raise ConvertError(f"{dst} already holds a converted dataset ({manifest}); pass --overwrite to replace it")
+        # Drop the old manifest first: if this run dies half-way, no manifest points at a mix of
+        # old and new shards, and loaders refuse the folder instead of reading it.
+        manifest.unlink()
+    dst.mkdir(parents=True, exist_ok=True)
+
+
+def _remove_stale_outputs(dst: Path, keep: set[str]) -> None:
+    """Delete shards/indexes of an earlier run that this run did not rewrite, and dead temp files."""
+    for entry in os.scandir(dst):
+        name = entry.name
+        stale = _OUTPUT_FILE.fullmatch(name) and name not in keep
+        if stale or _OUTPUT_TEMP.fullmatch(name):
+            os.unlink(entry.path)
+
+
+def _parse_limits(limit: int | dict[str, int] | None) -> dict[str, int | None]:
+    if limit is None:
+        return {}
+    if isinstance(limit, int):
+        limits = {split: limit for split in SPLITS}
+    else:
+        limits = dict(limit)
+    for split, n in limits.items():
+        if split not in SPLITS:
+            raise ConvertError(f"limit: unknown split {split!r} (splits: {', '.join(SPLITS)})")
+        if n is not None and n < 1:
+            raise ConvertError(f"limit for {split}: must be >= 1, got {n}")
+    return limits
+
+
+def _ignore_sigint() -> None:
+    # Ctrl-C reaches the whole process group: let only the parent handle it (abort the open shard,
+    # print one line) instead of every worker printing a KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    max_side: int = DEFAULT_MAX_SIDE,
+    quality: int = DEFAULT_QUALITY,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    workers: int | None = None,
+    overwrite: bool = False,
+    seed: int = 0,
+    limit: int | dict[str, int] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Convert ``src`` (ImageFolder path or ``"fashion-mnist"``) into shards + ``manifest.json`` in ``dst``.
+
+    ``limit`` caps the samples per split (an int for every split, or ``{"train": 500, "val": 200}``),
+    taken after class mixing so a subset still holds every class. ``workers`` <= 1 encodes in this
+    process. Returns the manifest as written. Raises ConvertError for user errors (nothing is
+    written to ``dst`` in that case, except on a failure after conversion started).
+    """
+    if max_side < 1:
+        raise ConvertError(f"--max-side must be >= 1, got {max_side}")
+    if not 1 <= quality <= 100:
+        raise ConvertError(f"--quality must be in 1..100, got {quality}")
+    if shard_size < 1:
+        raise ConvertError(f"--shard-size must be >= 1, got {shard_size}")
+    workers = default_workers() if workers is None else workers
+    if workers < 0:
+        raise ConvertError(f"--workers must be >= 0, got {workers}")
+    limits = _parse_limits(limit)
+    dst = Path(dst)
+
+    # Plan (and so validate SRC) before touching DST: a typo in SRC must not delete an old manifest.
+    if os.fspath(src) == FASHION_MNIST:
+        source = _plan_fashion_mnist(quality, seed, limits)
+    else:
+        source = _plan_imagefolder(Path(src), max_side, quality, seed, limits)
+    _prepare_dst(dst, overwrite)
+
+    splits: dict[str, dict] = {}
+    skipped: list[dict] = []
+    first_key = 0
+    pool = ProcessPoolExecutor(workers, initializer=_ignore_sigint) if workers > 1 else None
+    try:
+        if pool is not None:
+            # Start the workers now, before tqdm starts its monitor thread: with the fork start method
+            # a child forked from a parent that has threads can deadlock on a lock held by one of them.
+            pool.submit(int).result()
+        for plan in source.splits:
+            split_manifest, split_skipped = _convert_split(
+                plan,
+                dst,
+                first_key=first_key,
+                num_classes=len(source.classes),
+                shard_size=shard_size,
+                pool=pool,
+                workers=workers,
+                progress=progress,
+            )
+            skipped += split_skipped
+            first_key += split_manifest["count"]  # keys stay unique across splits
+            if split_manifest["count"]:
+                splits[plan.name] = split_manifest
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    if "train" not in splits:
+        raise ConvertError(
+            f"{src}: none of the {len(source.splits[0].names)} train images could be decoded "
+            f"(first reason: {skipped[0]['reason'] if skipped else 'none'})"
+        )
+    written = {shard["name"] for s in splits.values() for shard in s["shards"]}
+    _remove_stale_outputs(dst, written | {str(Path(name).with_suffix(".idx")) for name in written})
+    manifest = {
+        "classes": source.classes,
+        "splits": splits,
+        "source": source.info,
+        "settings": {
+            "max_side": max_side,
+            "quality": quality,
+            "shard_size": shard_size,
+            "seed": seed,
+            "limit": {k: v for k, v in limits.items() if v is not None} or None,
+        },
+        "skipped": skipped,
+    }
+    write_manifest(dst, manifest)  # last and atomic: its presence means the dataset is complete
+    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, **manifest}
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def format_summary(manifest: dict, dst: str | os.PathLike, seconds: float, max_skipped: int = 50) -> str:
+    """Human summary of a conversion: counts per split, what was re-encoded, skipped files, speed."""
+    lines = [f"{PROG}: wrote {dst} ({len(manifest['classes'])} classes)"]
+    total = 0
+    for split, s in manifest["splits"].items():
+        total += s["count"]
+        stored = s.get("stored", {})
+        lines.append(
+            f"  {split:5s} {s['count']:>9,d} images in {len(s['shards'])} shard(s)"
+            f"  (original JPEG kept {stored.get(KEPT, 0):,d}, re-encoded {stored.get(REENCODED, 0):,d},"
+            f" resized {stored.get(RESIZED, 0):,d})"
+        )
+    skipped = manifest.get("skipped", [])
+    if skipped:
+        lines.append(f"  skipped {len(skipped)} file(s) that could not be decoded:")
+        for item in skipped[:max_skipped]:
+            lines.append(f"    {item['path']}: {item['reason']}")
+        if len(skipped) > max_skipped:
+            lines.append(f"    ... and {len(skipped) - max_skipped} more (see {MANIFEST})")
+    else:
+        lines.append("  skipped 0 files")
+    for note in manifest.get("source", {}).get("notes", []):
+        lines.append(f"  note: {note}")
+    rate = total / seconds if seconds > 0 else float("inf")
+    lines.append(f"  {total:,d} images in {seconds:.1f} s ({rate:,.0f} images/s)")
+    return "\n".join(lines)
+
+
+def _limit_arg(text: str) -> int | dict[str, int]:
+    try:
+        if "=" not in text:
+            return int(text)
+        out = {}
+        for part in text.split(","):
+            split, _, n = part.partition("=")
+            out[split.strip()] = int(n)
+        return out
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or train=N,val=M, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Convert an ImageFolder tree or Fashion-MNIST into fastssl webdataset shards.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "src",
+        metavar="SRC",
+        help=f"ImageFolder tree (class folders, optionally under train/ and val/) or {FASHION_MNIST!r} "
+        f"(a local folder of that name: write ./{FASHION_MNIST})",
+    )
+    p.add_argument("dst", metavar="DST", help="output folder for manifest.json and the shards")
+    p.add_argument(
+        "--max-side",
+        type=int,
+        default=DEFAULT_MAX_SIDE,
+        metavar="PX",
+        help="an image whose longer side exceeds this is shrunk to it (Lanczos)",
+    )
+    p.add_argument(
+        "--quality", type=int, default=DEFAULT_QUALITY, metavar="Q", help="JPEG quality of re-encoded images"
+    )
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N", help="samples per shard")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(),
+        metavar="N",
+        help="encoding processes (0 or 1: encode in this process)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the class-mixing order of the samples")
+    p.add_argument(
+        "--limit",
+        type=_limit_arg,
+        default=None,
+        metavar="N|train=N,val=M",
+        help="at most this many samples per split (quick tests and demos)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing converted dataset in DST")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fastssl-convert``; returns the exit status (2 for user errors)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        manifest = convert(
+            args.src,
+            args.dst,
+            max_side=args.max_side,
+            quality=args.quality,
+            shard_size=args.shard_size,
+            workers=args.workers,
+            overwrite=args.overwrite,
+            seed=args.seed,
+            limit=args.limit,
+            progress=not args.no_progress,
+        )
+    except ConvertError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; {args.dst} has no manifest.json and is incomplete", file=sys.stderr)
+        return 130
+    print(format_summary(manifest, args.dst, time.perf_counter() - t0))
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the importable module, not this __main__ copy, so worker processes find the functions
+    # they are sent by their real name (fastssl.convert._encode_files).
+    from fastssl.convert import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,288 @@
+"""Data pipelines: a converted dataset -> multi-crop batches on the training device.
+
+``build_loader(path, spec, batch_size, ...)`` returns a :class:`Loader` yielding :class:`Batch`.
+Backends (torch here; dali and ffcv in their own modules, imported only when chosen) differ only in
+how they decode and crop; the :class:`Loader` base holds what every backend must share: which
+samples each rank reads, their order per epoch, the resume position, and the photometric stage.
+
+This package never imports fastssl: data knows no model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from pipelines.photometric import apply_photometric
+from pipelines.spec import PRESETS, MultiCropSpec, ViewSpec
+
+__all__ = ["PRESETS", "Batch", "Loader", "MultiCropSpec", "ViewSpec", "build_loader", "derive_seed"]
+
+
+class Batch(NamedTuple):
+    """One step's data. views[i]: float32 (B, 3, S_i, S_i), normalized, channels-last, on the device,
+    in spec order; labels: int64 (B,) on the device."""
+
+    views: list[torch.Tensor]
+    labels: torch.Tensor
+
+
+# Independent random streams derived from the same (seed, epoch, ...) keys.
+STREAM_ORDER, STREAM_CROP, STREAM_PHOTO = 1, 2, 3
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (seed, epoch, rank, ...); nearby keys give unrelated streams.
+
+    A splitmix64 chain: about a microsecond, cheap enough to seed every sample's crops.
+    """
+    h = 0
+    for k in keys:
+        h = _splitmix64(h ^ (int(k) & _MASK64))
+    return h >> 1
+
+
+class Loader:
+    """Base of every backend: the rank's samples, the epoch order, the resume position.
+
+    Sharding: with ``drop_last`` and at least ``world_size`` shards, rank r reads shards
+    r, r + world_size, ...; otherwise (few shards, or evaluation, where dropping a whole shard's
+    worth would bias the result) it reads samples r, r + world_size, ... of the whole split. Each
+    rank then takes the same number of samples per epoch, the minimum over ranks (a random subset
+    of its own when shuffling), so every rank yields ``len(self)`` batches and DDP never waits on a
+    rank that ran out.
+
+    Order: a pure function of (seed, epoch, rank): a permutation of the rank's samples when
+    ``shuffle``, stored order otherwise. Backends make their random crops and photometric
+    decisions pure functions of the same keys (never of the number of decode workers), so a
+    resumed epoch repeats the same batches.
+
+    Position: ``state_dict()`` is ``{"epoch": e, "batch": b}``, b the batches of epoch e consumed
+    (the batch being yielded counts as consumed). ``load_state_dict`` makes the next iteration
+    start at batch b of epoch e; ``set_epoch(e)`` starts epoch e at batch 0 except right after a
+    resume into e. A completed iteration moves on to the next epoch by itself.
+
+    Subclasses implement ``_iter_epoch(epoch, start)`` yielding batches ``start, start + 1, ...``.
+    """
+
+    def __init__(
+        self,
+        counts: Sequence[int],
+        spec: MultiCropSpec,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size (per rank) must be a positive int, got {batch_size!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank!r}")
+        self.spec, self.batch_size = spec, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, int(seed)
+        self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
+        self.device = torch.device(device)
+        self.counts = [int(c) for c in counts]
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+        total, n_shards = int(self.offsets[-1]), len(self.counts)
+
+        if self.drop_last and n_shards >= world_size:
+            self.shard_mode = "shards"
+            self.shards = list(range(rank, n_shards, world_size))
+            self.sample_ids = np.concatenate(
+                [np.arange(self.offsets[s], self.offsets[s + 1]) for s in self.shards]
+            ).astype(np.int64)
+            per_rank = min(sum(self.counts[r::world_size]) for r in range(world_size))
+        else:
+            self.shard_mode = "strided"
+            self.shards = [s for s in range(n_shards) if self.counts[s] > 0]
+            self.sample_ids = np.arange(rank, total, world_size, dtype=np.int64)
+            per_rank = total // world_size
+        self.samples_per_epoch = per_rank
+        n_batches = per_rank // batch_size if self.drop_last else math.ceil(per_rank / batch_size)
+        if n_batches == 0:
+            raise ValueError(
+                f"batch_size {batch_size} per rank leaves no batch: each of the {world_size} rank(s) "
+                f"gets {per_rank} samples per epoch (split of {total}); lower batch_size or world_size"
+            )
+        self._n_batches = n_batches
+        self._pos = (0, 0)  # (epoch, next batch) of the live stream
+        self._resume_pending = False
+
+    # ---- plan -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        """Batches per epoch, identical on every rank."""
+        return self._n_batches
+
+    def epoch_positions(self, epoch: int) -> np.ndarray:
+        """Indices into ``self.sample_ids`` this rank reads in ``epoch``, in order: (samples_per_epoch,) int64."""
+        n = len(self.sample_ids)
+        if self.shuffle:
+            rng = np.random.default_rng(derive_seed(self.seed, epoch, self.rank, STREAM_ORDER))
+            return rng.permutation(n)[: self.samples_per_epoch]
+        return np.arange(self.samples_per_epoch, dtype=np.int64)
+
+    def epoch_sample_ids(self, epoch: int) -> np.ndarray:
+        """Global sample ids (position in the split, shard by shard) this rank reads in ``epoch``, in order."""
+        return self.sample_ids[self.epoch_positions(epoch)]
+
+    def batch_positions(self, epoch: int) -> list[np.ndarray]:
+        """``epoch_positions`` cut into this epoch's batches (the last one partial unless drop_last)."""
+        pos = self.epoch_positions(epoch)[: self._n_batches * self.batch_size]
+        return [pos[i : i + self.batch_size] for i in range(0, len(pos), self.batch_size)]
+
+    # ---- position ---------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        return self._pos[0]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Next iteration runs ``epoch`` from batch 0 (or from the resumed batch after load_state_dict)."""
+        if not (self._resume_pending and self._pos[0] == epoch):
+            self._pos = (int(epoch), 0)
+            self._resume_pending = False
+
+    def state_dict(self) -> dict:
+        epoch, batch = self._pos
+        if batch >= len(self):
+            epoch, batch = epoch + 1, 0
+        return {"epoch": epoch, "batch": batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        if not 0 <= batch <= len(self):
+            raise ValueError(f"state batch {batch} outside this loader's epoch of {len(self)} batches")
+        self._pos = (epoch, batch)
+        self._resume_pending = True
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch, start = self._pos
+        if start >= len(self):
+            epoch, start = epoch + 1, 0
+        self._resume_pending = False
+        b = start
+        for batch in self._iter_epoch(epoch, start):
+            b += 1
+            self._pos = (epoch, b)  # before yielding: the batch in the caller's hands counts as consumed
+            yield batch
+        self._pos = (epoch + 1, 0)
+
+    def _iter_epoch(self, epoch: int, start: int) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    # ---- shared photometric stage -----------------------------------------------------------
+    def photometric(self, crops: Sequence[torch.Tensor], epoch: int, batch: int) -> list[torch.Tensor]:
+        """Apply each view's photometric stage to its crops on the device, seeded by (seed, epoch, rank, batch).
+
+        crops[i]: (B, 3 or 1, S, S) uint8, or float in [0, 1] that may be overwritten.
+        Returns float32 (B, 3, S, S) normalized channels-last views.
+        """
+        views = []
+        for i, (view, x) in enumerate(zip(self.spec.views, crops, strict=True)):
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank, batch, i, STREAM_PHOTO))
+            views.append(apply_photometric(x, view, self.spec.mean, self.spec.std, gen, inplace=True))
+        return views
+
+
+# name -> (module, class, package it needs, how to install it). Each backend class takes
+# (path, spec, batch_size, *, split, rank, world_size, device, seed, shuffle, drop_last, num_workers,
+# **options) and subclasses Loader.
+_BACKENDS = {
+    "torch": ("pipelines.torch_loader", "TorchLoader", None, None),
+    "dali": ("pipelines.dali_loader", "DaliLoader", "nvidia.dali",
+             "pip install 'fastssl[dali-cu13]' (CUDA 13) or 'fastssl[dali-cu12]' (CUDA 12)"),
+    "ffcv": ("pipelines.ffcv_loader", "FfcvLoader", "ffcv", "pip install 'fastssl[ffcv]'"),
+}
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        # Best available: DALI decodes on the GPU; without CUDA the torch backend is the fast path.
+        if device.type == "cuda" and _importable("nvidia.dali") and _importable("pipelines.dali_loader"):
+            return "dali"
+        return "torch"
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(_BACKENDS) + ['auto']}, got {backend!r}")
+    module, _, package, install = _BACKENDS[backend]
+    if package is not None and not _importable(package):
+        raise ImportError(f"backend {backend!r} needs the {package!r} package: {install}")
+    if not _importable(module):
+        raise ImportError(f"backend {backend!r}: module {module} is not in this checkout")
+    return backend
+
+
+def build_loader(
+    path: str | os.PathLike,
+    spec: MultiCropSpec | str,
+    batch_size: int,
+    *,
+    split: str = "train",
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    backend: str = "auto",
+    num_workers: int | None = None,
+    drop_last: bool | None = None,
+    shuffle: bool | None = None,
+    cache: str = "auto",
+    augment: bool | None = None,
+) -> Loader:
+    """A loader over ``split`` of the converted dataset at ``path`` for this rank.
+
+    spec: a MultiCropSpec or a preset name (``PRESETS``; 224/96 px). batch_size: per rank.
+    augment: default True for the train split; False replaces the spec by its deterministic eval
+      view (largest centered square resized to the first view's size), same normalization.
+    shuffle / drop_last: default True when training with augmentation, False otherwise.
+    backend: "torch", "dali", "ffcv" or "auto" (dali on CUDA when installed, else torch).
+    num_workers: decode processes (backend-specific default). cache: torch backend only,
+      "auto" | "ram" | "none" (see pipelines.torch_loader).
+    The loader yields ``Batch``; see ``Loader`` for sharding, order and resume.
+    """
+    if isinstance(spec, str):
+        spec = MultiCropSpec.preset(spec)
+    if not isinstance(spec, MultiCropSpec):
+        raise ValueError(f"spec must be a MultiCropSpec or a preset name, got {type(spec).__name__}")
+    augment = (split == "train") if augment is None else bool(augment)
+    if not augment and not spec.is_deterministic:
+        spec = spec.eval_spec()
+    training = augment and not spec.is_deterministic
+    shuffle = training if shuffle is None else shuffle
+    drop_last = training if drop_last is None else drop_last
+    device = torch.device(device)
+    name = _resolve_backend(backend, device)
+    module, cls_name, _, _ = _BACKENDS[name]
+    cls = getattr(importlib.import_module(module), cls_name)
+    options = {"cache": cache} if name == "torch" else {}
+    if name != "torch" and cache not in ("auto", "none"):
+        raise ValueError(f"cache={cache!r} is a torch-backend option; backend {name!r} has its own caching")
+    return cls(path, spec, batch_size, split=split, rank=rank, world_size=world_size, device=device, seed=seed,
+               shuffle=shuffle, drop_last=drop_last, num_workers=num_workers, **options)

@@ -1,0 +1,244 @@
+"""The shared photometric stage: batched colour jitter, grayscale, blur, solarize, normalize.
+
+Every backend hands this stage uint8 crops ``(B, 3, S, S)`` on the training device; it applies one
+view's photometric augmentation to the whole batch at once with torch ops (no per-image Python),
+so every backend yields the same augmentation distribution and it runs wherever the batch lives.
+
+Distributions follow torchvision (``ColorJitter``, ``RandomGrayscale``, ``GaussianBlur``,
+``RandomSolarize``) per image:
+
+* colour jitter fires with ``jitter_p``; factors are uniform in ``[max(0, 1 - x), 1 + x]`` for
+  brightness/contrast/saturation and the hue shift uniform in ``[-hue, hue]``. torchvision draws a
+  random order of the four ops per image; we draw one random order per batch (per view). Each
+  image's order is still uniform over the 24 permutations and independent of its factors, so every
+  image's marginal distribution is exactly torchvision's, while the batch runs each op once.
+* grayscale (ITU-R 601 luma, as torchvision) fires with ``gray_p``.
+* Gaussian blur fires with ``blur_p``; sigma uniform in ``blur_sigma``; kernel ~10% of the view
+  size, made odd (BYOL: 23 px at 224), reflect padding, separable per-image kernels (grouped conv).
+* solarize fires with ``solarize_p``: ``x >= 0.5 -> 1 - x`` on the [0, 1] scale.
+
+Random parameters are drawn on the CPU (a handful of numbers per image) and copied to the device in
+one transfer: the same generator state gives the same augmentation on every device, and deciding
+which images need the costly ops (hue, blur) never waits for the device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pipelines.spec import ViewSpec
+
+# torchvision's op indices for ColorJitter's order: 0 brightness, 1 contrast, 2 saturation, 3 hue.
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+# ITU-R 601-2 luma, the weights torchvision's rgb_to_grayscale uses.
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
+
+Params = dict  # str -> (B,) CPU tensor, plus "order": list[int]
+
+
+def blur_kernel_size(size: int) -> int:
+    """Gaussian kernel side for a view of ``size`` px: 10% of it, odd, at least 3 (224 -> 23)."""
+    k = max(3, int(0.1 * size))
+    return k if k % 2 else k + 1
+
+
+def sample_photometric_params(view: ViewSpec, batch: int, generator: torch.Generator | None = None) -> Params:
+    """Draw one view's per-image photometric decisions on the CPU.
+
+    Returns a dict of CPU tensors, each (batch,): ``jitter``, ``gray``, ``blur``, ``solarize``
+    (bool: whether the op fires), ``brightness``, ``contrast``, ``saturation`` (float32 factors),
+    ``hue`` (float32 shift, fraction of a turn), ``sigma`` (float32 blur sigma); and ``order``
+    (list of the 4 jitter op indices, see ``JITTER_OPS``). Factors are drawn for every image; they
+    only act where their op fires. ``generator`` must be a CPU generator (or None: the global one).
+    """
+    u = torch.rand(batch, 9, generator=generator)
+    order = torch.randperm(4, generator=generator).tolist()
+
+    def factor(col: int, strength: float) -> torch.Tensor:
+        lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
+        return lo + (hi - lo) * u[:, col]
+
+    s_lo, s_hi = view.blur_sigma
+    return {
+        "jitter": u[:, 0] < view.jitter_p,
+        "brightness": factor(1, view.brightness),
+        "contrast": factor(2, view.contrast),
+        "saturation": factor(3, view.saturation),
+        "hue": view.hue * (2.0 * u[:, 4] - 1.0),
+        "order": order,
+        "gray": u[:, 5] < view.gray_p,
+        "blur": u[:, 6] < view.blur_p,
+        "sigma": s_lo + (s_hi - s_lo) * u[:, 7],
+        "solarize": u[:, 8] < view.solarize_p,
+    }
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) float -> (B, 1, H, W) luma; a (B, 1, H, W) gray image is its own luma up to the
+    weights' sum (0.9999), which we keep so both paths match torchvision."""
+    if x.shape[1] == 1:
+        return x * sum(GRAY_WEIGHTS)
+    r, g, b = x.unbind(1)
+    return (r * GRAY_WEIGHTS[0] + g * GRAY_WEIGHTS[1] + b * GRAY_WEIGHTS[2]).unsqueeze(1)
+
+
+def _blend_(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """factor * x + (1 - factor) * other, clamped to [0, 1] as torchvision's _blend does; in place on x."""
+    return x.mul_(factor).add_(other * (1.0 - factor)).clamp_(0.0, 1.0)
+
+
+def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate hue by ``shift`` (B, 1, 1) turns, keeping HSV saturation and value.
+
+    x: (B, 3, H, W) float32 contiguous in [0, 1] -> new (B, 3, H, W) tensor. Works on the hexcone
+    directly, never building an HSV tensor: hue h in sextants [0, 6) from the max channel, shifted,
+    then each channel = min + chroma * ramp(h) with the piecewise-linear ramps
+    R: clamp(|h - 3| - 1), G: clamp(2 - |h - 2|), B: clamp(2 - |h - 4|) (clamped to [0, 1]).
+    """
+    r, g, b = x.unbind(1)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    minc = torch.minimum(torch.minimum(r, g), b)
+    chroma = maxc - minc
+    # Same tie order as torchvision: red wins, then green, then blue.
+    num = torch.where(maxc == r, g - b, torch.where(maxc == g, (b - r).add_(chroma, alpha=2.0),
+                                                      (r - g).add_(chroma, alpha=4.0)))
+    # A gray pixel has num == 0, so any positive floor for chroma keeps its hue at 0.
+    hue = num.div_(chroma.clamp_min(1e-12)).add_(6.0 * shift).remainder_(6.0)
+    out = torch.empty_like(x)
+    torch.sub(hue, 3.0, out=out[:, 0]).abs_().sub_(1.0)
+    torch.sub(hue, 2.0, out=out[:, 1]).abs_().neg_().add_(2.0)
+    torch.sub(hue, 4.0, out=out[:, 2]).abs_().neg_().add_(2.0)
+    return out.clamp_(0.0, 1.0).mul_(chroma.unsqueeze(1)).add_(minc.unsqueeze(1))
+
+
+# Up to this kernel size the blur is k multiply-adds of shifted slices per axis; beyond it one grouped
+# convolution (on CPU the grouped conv's per-group overhead dominates small kernels).
+_SHIFTED_BLUR_MAX_KERNEL = 7
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Per-image separable Gaussian blur with reflect padding: x (M, C, H, W) float, sigma (M,) -> new (M, C, H, W)."""
+    m, c, h, w = x.shape
+    t = torch.arange(kernel, device=x.device, dtype=x.dtype) - (kernel - 1) / 2
+    weights = torch.exp(-0.5 * (t[None, :] / sigma[:, None]) ** 2)
+    weights = weights / weights.sum(1, keepdim=True)  # (M, k)
+    pad = kernel // 2
+    mode = "reflect" if pad < min(h, w) else "replicate"  # reflect needs pad < side
+    padded = F.pad(x, (pad, pad, pad, pad), mode=mode)
+    if kernel <= _SHIFTED_BLUR_MAX_KERNEL:
+        wk = weights.view(m, 1, 1, 1, kernel)
+        rows = torch.zeros(m, c, h + 2 * pad, w, device=x.device, dtype=x.dtype)
+        for i in range(kernel):
+            rows.addcmul_(padded[..., i : i + w], wk[..., i])
+        out = torch.zeros(m, c, h, w, device=x.device, dtype=x.dtype)
+        for i in range(kernel):
+            out.addcmul_(rows[:, :, i : i + h, :], wk[..., i])
+        return out
+    # One grouped conv per axis over all M*C planes, each plane with its own image's kernel.
+    planes = padded.reshape(1, m * c, h + 2 * pad, w + 2 * pad)
+    per_plane = weights.repeat_interleave(c, dim=0)  # (M*C, k)
+    planes = F.conv2d(planes, per_plane.view(m * c, 1, kernel, 1), groups=m * c)
+    planes = F.conv2d(planes, per_plane.view(m * c, 1, 1, kernel), groups=m * c)
+    return planes.view(m, c, h, w)
+
+
+def _on_subset(x: torch.Tensor, mask: torch.Tensor, fn) -> torch.Tensor:
+    """Apply ``fn`` to the images where the CPU bool ``mask`` (B,) holds; in place on x.
+
+    The mask lives on the CPU, so choosing the subset costs no device sync, and the costly ops
+    (hue, blur) run only on the images that need them.
+    """
+    n = int(mask.sum())
+    if n == 0:
+        return x
+    if n == mask.numel():
+        return fn(x, slice(None))
+    idx = mask.nonzero().squeeze(1).to(x.device, non_blocking=True)
+    x.index_copy_(0, idx, fn(x.index_select(0, idx), idx))
+    return x
+
+
+def apply_photometric(
+    x: torch.Tensor,
+    view: ViewSpec,
+    mean: tuple[float, float, float] | torch.Tensor,
+    std: tuple[float, float, float] | torch.Tensor,
+    generator: torch.Generator | None = None,
+    *,
+    params: Params | None = None,
+    return_params: bool = False,
+    inplace: bool = False,
+):
+    """One view's photometric augmentation + normalization for a whole batch.
+
+    x: (B, 3, S, S) uint8 (0..255) or float (0..1), any device, any memory format; or (B, 1, S, S)
+      for grayscale images, where saturation, hue and grayscale are identities: they are skipped
+      and the channel is broadcast to 3 by the normalization (same result up to 1e-4, as the luma weights
+      sum to 0.9999; a third of the work).
+    mean, std: per-channel normalization on the [0, 1] scale.
+    generator: CPU generator for the per-image decisions (None: torch's global CPU generator).
+    params: decisions to use instead of sampling (see ``sample_photometric_params``), e.g. forced
+      factors in tests. return_params: also return the decisions used.
+    inplace: a float32 ``x`` may be overwritten (saves a copy; uint8 input is never modified).
+    Returns float32 (B, 3, S, S) normalized, channels-last, on x's device;
+    ``(out, params)`` when ``return_params``.
+    """
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"x must be (B, 3, H, W) or (B, 1, H, W), got {tuple(x.shape)}")
+    colour = x.shape[1] == 3
+    batch, device = x.shape[0], x.device
+    if params is None:
+        params = sample_photometric_params(view, batch, generator)
+    # Work in plain NCHW: per-channel planes are then contiguous, which the colour ops and the subset
+    # gathers need to run at memory speed; the normalization writes channels-last at the end.
+    if x.dtype == torch.uint8:
+        x = x.to(torch.float32, memory_format=torch.contiguous_format).mul_(1.0 / 255.0)
+    elif not (inplace and x.dtype == torch.float32 and x.is_contiguous()):
+        x = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+
+    jitter = params["jitter"].bool()
+    # Effective factors: identity where jitter does not fire, so b/c/s run on the whole batch
+    # without masking (a factor of 1 is an exact no-op) and hue runs on its subset only.
+    ident = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
+    eff = {k: torch.where(jitter, params[k].float(), torch.tensor(ident[k])) for k in JITTER_OPS}
+    active = {k: bool((eff[k] != ident[k]).any()) for k in JITTER_OPS}
+    if not colour:  # on gray pixels saturation and hue change nothing
+        active["saturation"] = active["hue"] = False
+    if any(active.values()):
+        # One host-to-device copy for all per-image factors.
+        packed = torch.stack([eff[k] for k in JITTER_OPS], 1).to(device, non_blocking=True)
+        dev = {k: packed[:, i].view(batch, 1, 1, 1) for i, k in enumerate(JITTER_OPS)}
+        for op in params["order"]:
+            name = JITTER_OPS[op]
+            if not active[name]:
+                continue
+            if name == "brightness":
+                x.mul_(dev[name]).clamp_(0.0, 1.0)
+            elif name == "contrast":
+                _blend_(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), dev[name])
+            elif name == "saturation":
+                _blend_(x, _gray(x), dev[name])
+            else:
+                shift = dev[name].view(batch, 1, 1)
+                x = _on_subset(x, eff[name] != 0.0, lambda xs, i, s=shift: _shift_hue(xs, s[i]))
+
+    if colour:
+        x = _on_subset(x, params["gray"].bool(), lambda xs, i: _gray(xs).expand_as(xs).contiguous())
+
+    blur = params["blur"].bool()
+    if blur.any():
+        kernel = blur_kernel_size(x.shape[-1])
+        sigma = params["sigma"].float().to(device, non_blocking=True)
+        x = _on_subset(x, blur, lambda xs, i: _gaussian_blur(xs, sigma[i], kernel))
+
+    x = _on_subset(x, params["solarize"].bool(), lambda xs, i: torch.where(xs >= 0.5, 1.0 - xs, xs))
+
+    # Normalize as x * (1 / std) - mean / std in one pass that writes channels-last; a gray (B, 1)
+    # batch broadcasts to 3 channels here.
+    std_t = torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    scale = (1.0 / std_t).to(device, non_blocking=True)
+    bias = (-torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std_t).to(device, non_blocking=True)
+    out = torch.empty((batch, 3, *x.shape[2:]), device=device, memory_format=torch.channels_last)
+    x = torch.addcmul(bias, x, scale, out=out)
+    return (x, params) if return_params else x

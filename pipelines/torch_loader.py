@@ -1,0 +1,455 @@
+"""The torchvision/PIL fallback backend: the geometric stage on CPU, the photometric stage on the device.
+
+Two modes, both drawing crops from torchvision's ``RandomResizedCrop`` distribution:
+
+* workers (``cache="none"``): DataLoader worker processes read each sample's JPEG by offset from its
+  shard, decode it ONCE with PIL, and for every view crop + resize (PIL bilinear, antialiased) +
+  flip, giving uint8 (S, S, 3) arrays; batches travel as (B, S, S, 3), which viewed as (B, 3, S, S)
+  is already channels-last, and the main process runs the photometric stage on the device.
+* RAM cache (``cache="ram"``): for small datasets whose images share one size (MNIST/CIFAR-like) the
+  rank's images are decoded once at construction into a uint8 (N, C, H, W) tensor on the device
+  (C = 1 for grayscale data); each batch's crops are one ``grid_sample`` (bilinear) per view over
+  per-sample affine grids (flip folded into the affine): no workers and no per-image Python.
+  ``cache="auto"`` picks it when the rank's decoded images fit in ``RAM_CACHE_BUDGET`` bytes and
+  all share one size.
+
+Bilinear ``grid_sample`` does not antialias: when a crop is more than ~2x larger than the view it
+aliases where PIL would average. The RAM cache targets tiny images, where crops are mostly enlarged.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+import os
+import random
+import struct
+import tarfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from pipelines import STREAM_CROP, Batch, Loader, derive_seed
+from pipelines.formats import DatasetFormatError, iter_samples, load_manifest, shard_counts, shard_paths
+from pipelines.spec import MultiCropSpec
+
+RAM_CACHE_BUDGET = 2 << 30  # bytes of decoded uint8 pixels per rank that cache="auto" keeps in memory
+RRC_TRIES = 10  # torchvision's RandomResizedCrop attempts before its center-crop fallback
+
+
+# ---- the crop sampler, shared by every backend ------------------------------------------------------
+def _rrc_fallback(h: int, w: int, ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """torchvision's fallback: the largest centered crop whose aspect ratio is clamped into ``ratio``."""
+    in_ratio = w / h
+    if in_ratio < ratio[0]:
+        cw, ch = w, int(round(w / ratio[0]))
+    elif in_ratio > ratio[1]:
+        ch, cw = h, int(round(h * ratio[1]))
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def _is_center_square(scale: tuple[float, float], ratio: tuple[float, float]) -> bool:
+    return tuple(scale) == (1.0, 1.0) and tuple(ratio) == (1.0, 1.0)
+
+
+def sample_rrc(
+    h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float], rng: random.Random
+) -> tuple[int, int, int, int]:
+    """One random-resized-crop box ``(top, left, height, width)`` in an h x w image.
+
+    torchvision ``RandomResizedCrop.get_params`` semantics: area fraction uniform in ``scale``,
+    aspect ratio (w/h) log-uniform in ``ratio``, rounded sides; up to 10 tries for a box that fits,
+    placed uniformly; else the centered fallback crop. ``rng`` is anything with ``.random()`` giving
+    a float in [0, 1): ``random.Random`` (fastest per call) or a ``numpy.random.Generator``.
+
+    One deliberate difference: scale == ratio == (1, 1), the eval view, is always the largest
+    centered square; torchvision may instead place a square one pixel shorter than the short side
+    at a random offset when rounding lets it fit (e.g. 90x89), making "eval" random.
+    """
+    if _is_center_square(scale, ratio):
+        return _rrc_fallback(h, w, ratio)
+    area = h * w
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(RRC_TRIES):
+        target = area * (scale[0] + (scale[1] - scale[0]) * rng.random())
+        aspect = math.exp(log_lo + (log_hi - log_lo) * rng.random())
+        cw = int(round(math.sqrt(target * aspect)))
+        ch = int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rng.random() * (h - ch + 1)), int(rng.random() * (w - cw + 1)), ch, cw
+    return _rrc_fallback(h, w, ratio)
+
+
+def sample_rrc_batch(
+    n: int,
+    h: int,
+    w: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``n`` independent ``sample_rrc`` boxes in an h x w image, all tries drawn at once.
+
+    Returns int64 (n, 4) CPU tensor of (top, left, height, width). Same distribution as
+    ``sample_rrc``: each row takes its first fitting try of 10, else the fallback.
+    """
+    if _is_center_square(scale, ratio):
+        return torch.tensor([_rrc_fallback(h, w, ratio)], dtype=torch.int64).expand(n, 4).clone()
+    u = torch.rand(n, RRC_TRIES, 2, generator=generator, dtype=torch.float64)
+    target = (h * w) * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
+    cw = torch.round(torch.sqrt(target * aspect))  # round half to even, like Python's round
+    ch = torch.round(torch.sqrt(target / aspect))
+    fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # first fitting try (argmax takes the first)
+    found = fits.any(dim=1)
+    cw, ch = cw.gather(1, first).squeeze(1), ch.gather(1, first).squeeze(1)
+    place = torch.rand(n, 2, generator=generator, dtype=torch.float64)
+    top = torch.floor(place[:, 0] * (h - ch + 1))
+    left = torch.floor(place[:, 1] * (w - cw + 1))
+    f_top, f_left, f_h, f_w = _rrc_fallback(h, w, ratio)
+    boxes = torch.stack([
+        torch.where(found, top, float(f_top)), torch.where(found, left, float(f_left)),
+        torch.where(found, ch, float(f_h)), torch.where(found, cw, float(f_w)),
+    ], dim=1)
+    return boxes.long()
+
+
+def crop_theta(boxes: torch.Tensor, flips: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Affine matrices for ``F.affine_grid(align_corners=False)`` that map an output view onto each box.
+
+    boxes: (n, 4) (top, left, height, width) in pixels of an h x w image; flips: (n,) bool.
+    Returns float32 (n, 2, 3). Normalized x in [-1, 1] spans pixel edges 0..w, so the box
+    [left, left + width] is x_in = (width / w) * x_out + (2 * left + width) / w - 1; a flip negates
+    the x scale.
+    """
+    top, left, ch, cw = boxes.double().unbind(1)
+    theta = torch.zeros(len(boxes), 2, 3, dtype=torch.float64)
+    theta[:, 0, 0] = torch.where(flips, -cw / w, cw / w)
+    theta[:, 0, 2] = (2 * left + cw) / w - 1
+    theta[:, 1, 1] = ch / h
+    theta[:, 1, 2] = (2 * top + ch) / h - 1
+    return theta.float()
+
+
+def crop_grid(theta: torch.Tensor, size: int) -> torch.Tensor:
+    """``F.affine_grid(theta, (n, C, size, size), align_corners=False)`` for axis-aligned ``theta``
+    (no rotation or shear, as ``crop_theta`` makes): (n, 2, 3) -> (n, size, size, 2), built by
+    broadcasting one row and one column instead of a (size*size x 3) matmul per image."""
+    base = (torch.arange(size, device=theta.device, dtype=theta.dtype) * 2 + 1) / size - 1  # pixel centres
+    gx = theta[:, 0, 0, None] * base + theta[:, 0, 2, None]  # (n, size)
+    gy = theta[:, 1, 1, None] * base + theta[:, 1, 2, None]
+    n = len(theta)
+    return torch.stack([gx[:, None, :].expand(n, size, size), gy[:, :, None].expand(n, size, size)], dim=-1)
+
+
+# ---- shard access ----------------------------------------------------------------------------------
+# Per-sample index row: jpeg offset, jpeg size, label offset, label size, label is ASCII (.cls) not int32 (.lbl).
+_INDEX_COLUMNS = 5
+
+
+def _index_from_idx(idx_path: Path) -> list[tuple[int, int, int, int, int]] | None:
+    """Rows from the DALI index that ShardWriter writes beside each shard ('v1.2 N', then per sample
+    groups of 'ext offset size name'); None when it is missing or unreadable."""
+    try:
+        lines = idx_path.read_text().splitlines()
+    except OSError:
+        return None
+    if not lines or not lines[0].startswith("v1.2"):
+        return None
+    rows = []
+    for line in lines[1:]:
+        tokens = line.split()
+        if not tokens:
+            continue
+        if len(tokens) % 4:
+            return None
+        parts = {tokens[i]: (int(tokens[i + 1]), int(tokens[i + 2])) for i in range(0, len(tokens), 4)}
+        if "jpg" not in parts or not ("lbl" in parts or "cls" in parts):
+            return None
+        label = parts.get("lbl") or parts["cls"]
+        rows.append((*parts["jpg"], *label, int("lbl" not in parts)))
+    return rows
+
+
+def _index_from_tar(path: Path) -> list[tuple[int, int, int, int, int]]:
+    """Rows from the tar headers (slow: ~50 us a member in Python); used when the index is missing."""
+    entries: dict[str, dict] = {}
+    with tarfile.open(path, mode="r:") as tar:
+        for member in tar:
+            if member.isfile():
+                stem, _, ext = member.name.rpartition(".")
+                entries.setdefault(stem, {})[ext] = (member.offset_data, member.size)
+    rows = []
+    for stem, parts in entries.items():
+        if "jpg" not in parts or not ("lbl" in parts or "cls" in parts):
+            raise DatasetFormatError(f"{path}: sample {stem!r} lacks its .jpg or label; rerun fastssl-convert")
+        label = parts.get("lbl") or parts["cls"]
+        rows.append((*parts["jpg"], *label, int("lbl" not in parts)))
+    return rows
+
+
+def index_shard(path: str | os.PathLike) -> np.ndarray:
+    """Byte locations of every sample of one shard, in stored order, so a worker reads any sample
+    with a pread: int64 (n, 5) = jpeg offset, jpeg size, label offset, label size, label-is-ASCII.
+
+    Reads the shard's DALI index (milliseconds); falls back to walking the tar headers."""
+    path = Path(path)
+    rows = _index_from_idx(path.with_suffix(".idx"))
+    if rows is None:
+        rows = _index_from_tar(path)
+    return np.array(rows, dtype=np.int64).reshape(-1, _INDEX_COLUMNS)
+
+
+def _decode(jpeg: bytes) -> Image.Image:
+    """JPEG bytes -> PIL image in mode L (gray) or RGB."""
+    img = Image.open(io.BytesIO(jpeg))
+    img.load()
+    return img if img.mode in ("L", "RGB") else img.convert("RGB")
+
+
+class _CropDataset(Dataset):
+    """Map-style dataset over the rank's samples. Keys are ``(position, epoch)``; a worker receives a
+    whole batch of keys (``__getitems__``) and writes every view's crops straight into (B, S, S, 3)
+    uint8 arrays: no per-sample tensors, no collate copy. Crops are seeded by
+    (seed, epoch, global sample id), a pure function of those keys."""
+
+    def __init__(self, spec: MultiCropSpec, seed: int, sample_ids: np.ndarray, shard_files: list[str],
+                 shard_of: np.ndarray, index: np.ndarray):
+        self.spec, self.seed = spec, seed
+        self.sample_ids, self.shard_files, self.shard_of, self.index = sample_ids, shard_files, shard_of, index
+        self._fds: dict[int, int] = {}
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def _read(self, pos: int) -> tuple[bytes, int]:
+        if self._pid != os.getpid():  # file descriptors are per process: reopen after fork
+            self._fds, self._pid = {}, os.getpid()
+        shard = int(self.shard_of[pos])
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(self.shard_files[shard], os.O_RDONLY)
+        jpg_off, jpg_size, lbl_off, lbl_size, ascii_label = (int(v) for v in self.index[pos])
+        raw = os.pread(fd, lbl_size, lbl_off)
+        label = int(raw.decode()) if ascii_label else struct.unpack("<i", raw)[0]
+        return os.pread(fd, jpg_size, jpg_off), label
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        views = self.spec.views
+        out = [np.empty((len(keys), v.size, v.size, 3), dtype=np.uint8) for v in views]
+        labels = np.empty(len(keys), dtype=np.int64)
+        for i, (pos, epoch) in enumerate(keys):
+            jpeg, labels[i] = self._read(pos)
+            img = _decode(jpeg)
+            rng = random.Random(derive_seed(self.seed, epoch, int(self.sample_ids[pos]), STREAM_CROP))
+            for v, view in enumerate(views):
+                top, left, ch, cw = sample_rrc(img.height, img.width, view.scale, view.ratio, rng)
+                flip = rng.random() < view.flip_p
+                crop = np.asarray(
+                    img.resize((view.size, view.size), Image.BILINEAR, box=(left, top, left + cw, top + ch))
+                )
+                if crop.ndim == 2:  # gray: resized at one channel, broadcast into three
+                    crop = crop[..., None]
+                out[v][i] = crop[:, ::-1] if flip else crop
+        return [torch.from_numpy(o) for o in out], torch.from_numpy(labels)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], int]:
+        """One sample: per-view (S, S, 3) uint8 tensors and the label."""
+        crops, labels = self.__getitems__([key])
+        return [c[0] for c in crops], int(labels[0])
+
+    def __del__(self):
+        for fd in getattr(self, "_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _batched(batch):
+    """collate_fn: ``__getitems__`` already returns the batch."""
+    return batch
+
+
+class _PlanSampler:
+    """Batch sampler yielding the current plan's keys; the loader sets the plan before each epoch, so
+    persistent workers serve every epoch."""
+
+    def __init__(self):
+        self.batches: list[list[tuple[int, int]]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def default_num_workers() -> int:
+    """Decode processes per rank: this rank's share of the cores, one left for the main process, at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, cpus // local_ranks - 1))
+
+
+class TorchLoader(Loader):
+    """torchvision/PIL backend; see the module docstring. Arguments as ``pipelines.build_loader``, plus
+    ``cache_budget`` (bytes for cache="auto") and ``progress`` (a tqdm bar while filling the RAM cache)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        spec: MultiCropSpec,
+        batch_size: int,
+        *,
+        split: str = "train",
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        num_workers: int | None = None,
+        cache: str = "auto",
+        cache_budget: int = RAM_CACHE_BUDGET,
+        progress: bool = True,
+    ):
+        if cache not in ("auto", "ram", "none"):
+            raise ValueError(f"cache must be 'auto', 'ram' or 'none', got {cache!r}")
+        self.path = Path(path)
+        manifest = load_manifest(self.path)
+        self.shard_files = [str(p) for p in shard_paths(self.path, split, manifest)]
+        super().__init__(shard_counts(manifest, split), spec, batch_size, rank=rank, world_size=world_size,
+                         device=device, seed=seed, shuffle=shuffle, drop_last=drop_last)
+        self.split = split
+        self.num_workers = default_num_workers() if num_workers is None else int(num_workers)
+        self.mode = "workers"
+        if cache != "none":
+            why_not = self._fill_cache(cache_budget if cache == "auto" else None, progress)
+            if why_not is None:
+                self.mode = "ram"
+            elif cache == "ram":
+                raise ValueError(f"cache='ram' impossible for {self.path} ({split}): {why_not}; use cache='none'")
+        if self.mode == "workers":
+            self._setup_workers()
+
+    # ---- RAM cache ---------------------------------------------------------------------------
+    def _rank_samples(self) -> Iterator[tuple[int, bytes, int]]:
+        """(position in sample_ids, jpeg, label) for this rank's samples, reading its shards in order."""
+        wanted = np.full(int(self.offsets[-1]), -1, dtype=np.int64)
+        wanted[self.sample_ids] = np.arange(len(self.sample_ids))
+        for s in self.shards:
+            for j, (_, jpeg, label) in enumerate(iter_samples(self.shard_files[s])):
+                pos = wanted[self.offsets[s] + j]
+                if pos >= 0:
+                    yield int(pos), jpeg, label
+
+    def _fill_cache(self, budget: int | None, progress: bool) -> str | None:
+        """Decode the rank's images into ``self.images`` (N, C, H, W) uint8 on the device; or return why not.
+
+        With a budget, the first image's size bounds the memory needed before anything else is read,
+        and a second size stops the scan, so a large or mixed dataset costs only a peek.
+        """
+        n = len(self.sample_ids)
+        samples = self._rank_samples()
+        first_pos, first_jpeg, first_label = next(samples)
+        first = _decode(first_jpeg)
+        h, w = first.height, first.width
+        channels = 1 if first.mode == "L" else 3
+        if budget is not None and n * h * w * channels > budget:
+            return f"{n} decoded images of {w}x{h}x{channels} exceed the {budget} byte budget"
+        pixels = np.empty((n, h, w, channels), dtype=np.uint8)
+        labels = np.empty(n, dtype=np.int64)
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, desc=f"decoding {self.path.name}/{self.split} into RAM", unit="img",
+                   disable=not progress or self.rank != 0, leave=False)
+        items = [(first_pos, first_label)]
+        decoded = [first]
+        # PIL decodes outside the GIL: a thread pool decodes each chunk on all cores.
+        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+            while True:
+                for (pos, label), img in zip(items, decoded, strict=True):
+                    if (img.width, img.height) != (w, h):
+                        bar.close()
+                        return f"images differ in size ({w}x{h} and {img.width}x{img.height})"
+                    arr = np.asarray(img)
+                    if arr.ndim == 2:
+                        arr = arr[..., None]  # broadcasts into a 3-channel cache if there is one
+                    elif channels == 1:  # a colour image after gray ones: widen the cache once
+                        pixels, channels = np.repeat(pixels, 3, axis=3), 3
+                    pixels[pos] = arr
+                    labels[pos] = label
+                bar.update(len(items))
+                chunk = list(itertools.islice(samples, 512))
+                if not chunk:
+                    break
+                items = [(pos, label) for pos, _, label in chunk]
+                decoded = list(pool.map(_decode, [jpeg for _, jpeg, _ in chunk]))
+        bar.close()
+        self.images = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(self.device)  # (N, C, H, W) channels-last
+        self.labels = torch.from_numpy(labels).to(self.device)
+        return None
+
+    def _ram_batch(self, positions: np.ndarray, epoch: int, b: int) -> Batch:
+        idx = torch.from_numpy(positions).to(self.device, non_blocking=True)
+        images = self.images.index_select(0, idx).float().contiguous()  # (B, C, H, W) 0..255
+        n, _, h, w = images.shape
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank, b, STREAM_CROP))
+        crops = []
+        for view in self.spec.views:
+            boxes = sample_rrc_batch(n, h, w, view.scale, view.ratio, gen)
+            flips = torch.rand(n, generator=gen) < view.flip_p
+            theta = crop_theta(boxes, flips, h, w).to(self.device, non_blocking=True)
+            grid = crop_grid(theta, view.size)  # == F.affine_grid(theta, ..., align_corners=False)
+            crop = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+            crops.append(crop.mul_(1.0 / 255.0))
+        return Batch(self.photometric(crops, epoch, b), self.labels.index_select(0, idx))
+
+    # ---- workers -----------------------------------------------------------------------------
+    def _setup_workers(self) -> None:
+        index = {}
+        for s in self.shards:
+            index[s] = index_shard(self.shard_files[s])
+            if len(index[s]) != self.counts[s]:
+                raise DatasetFormatError(
+                    f"{self.shard_files[s]}: {len(index[s])} samples, manifest says {self.counts[s]}; "
+                    "rerun fastssl-convert"
+                )
+        shard_of = np.searchsorted(self.offsets, self.sample_ids, side="right") - 1
+        table = np.empty((len(self.sample_ids), _INDEX_COLUMNS), dtype=np.int64)
+        for s in self.shards:
+            mine = shard_of == s
+            table[mine] = index[s][self.sample_ids[mine] - self.offsets[s]]
+        self.dataset = _CropDataset(self.spec, self.seed, self.sample_ids, self.shard_files, shard_of, table)
+        self._sampler = _PlanSampler()
+        workers = self.num_workers
+        self._dl = DataLoader(
+            self.dataset, batch_sampler=self._sampler, collate_fn=_batched, num_workers=workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+        )
+
+    def _iter_epoch(self, epoch: int, start: int) -> Iterator[Batch]:
+        batches = self.batch_positions(epoch)
+        if self.mode == "ram":
+            for b in range(start, len(batches)):
+                yield self._ram_batch(batches[b], epoch, b)
+            return
+        self._sampler.batches = [[(int(p), epoch) for p in pos] for pos in batches[start:]]
+        for b, (crops, labels) in enumerate(self._dl, start=start):
+            crops = [c.to(self.device, non_blocking=True).permute(0, 3, 1, 2) for c in crops]
+            yield Batch(self.photometric(crops, epoch, b), labels.to(self.device, non_blocking=True))

@@ -1,0 +1,113 @@
+"""Shared fixtures: tiny converted datasets written with pipelines.formats (the converter's format)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.formats import ShardWriter, write_manifest
+
+
+def _jpeg(img: Image.Image, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def write_dataset(folder: Path, classes: list[str], splits: dict[str, list[list[tuple[bytes, int]]]]) -> Path:
+    """Write ``splits[name]`` = list of shards, each a list of (jpeg, label), plus the manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest_splits = {}
+    for split, shards in splits.items():
+        infos, n = [], 0
+        for index, samples in enumerate(shards):
+            writer = ShardWriter(folder, split, index)
+            for jpeg, label in samples:
+                writer.write(f"{split}_{n:06d}", jpeg, label)
+                n += 1
+            infos.append(asdict(writer.close()))
+        manifest_splits[split] = {"count": n, "shards": infos}
+    write_manifest(folder, {"classes": classes, "splits": manifest_splits})
+    return folder
+
+
+def _chunks(items: list, sizes: list[int]) -> list[list]:
+    out, i = [], 0
+    for s in sizes:
+        out.append(items[i : i + s])
+        i += s
+    assert i == len(items)
+    return out
+
+
+def _photo_and_synthetic_images(n: int, rng: np.random.Generator) -> list[tuple[Image.Image, int]]:
+    """Varied sizes 60-120 px: crops of skimage photos (class 0), colour gradients (1), noisy blobs (2)."""
+    from skimage import data
+
+    photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
+    out = []
+    for i in range(n):
+        label = i % 3
+        h, w = (int(v) for v in rng.integers(60, 121, size=2))
+        if label == 0:
+            photo = photos[i % len(photos)]
+            y, x = (int(rng.integers(0, photo.shape[k] - 200)) for k in (0, 1))
+            img = Image.fromarray(photo[y : y + 200, x : x + 200]).resize((w, h), Image.BILINEAR)
+        elif label == 1:
+            yy, xx = np.mgrid[0:h, 0:w]
+            c0, c1 = rng.integers(0, 256, size=(2, 3))
+            t = ((xx / w + yy / h) / 2)[..., None]
+            img = Image.fromarray((c0 * (1 - t) + c1 * t).astype(np.uint8))
+        else:
+            base = rng.integers(0, 256, size=(h // 8 + 1, w // 8 + 1, 3)).astype(np.uint8)
+            img = Image.fromarray(base).resize((w, h), Image.BICUBIC)
+        out.append((img, label))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """3 classes, RGB images of varied sizes; train 64 in 4 shards of 16, val 32 in 2 shards."""
+    rng = np.random.default_rng(0)
+    samples = [(_jpeg(img), label) for img, label in _photo_and_synthetic_images(96, rng)]
+    return write_dataset(
+        tmp_path_factory.mktemp("tiny"), ["photo", "gradient", "blobs"],
+        {"train": _chunks(samples[:64], [16] * 4), "val": _chunks(samples[64:], [16, 16])},
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_gray_dataset(tmp_path_factory) -> Path:
+    """Fashion-MNIST-like: 28x28 grayscale JPEGs, 10 classes; train 96 in unequal shards (40, 30, 26), val 32."""
+    rng = np.random.default_rng(1)
+    samples = []
+    for i in range(128):
+        label = i % 10
+        yy, xx = np.mgrid[0:28, 0:28]
+        cy, cx = rng.uniform(8, 20, size=2)
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (2 + label) ** 2))
+        pix = np.clip(255 * blob + rng.normal(0, 12, size=(28, 28)), 0, 255).astype(np.uint8)
+        samples.append((_jpeg(Image.fromarray(pix, mode="L")), label))
+    return write_dataset(
+        tmp_path_factory.mktemp("tinygray"), [f"c{k}" for k in range(10)],
+        {"train": _chunks(samples[:96], [40, 30, 26]), "val": [samples[96:]]},
+    )
+
+
+RAMP_SIZE = 48
+
+
+@pytest.fixture(scope="session")
+def ramp_dataset(tmp_path_factory) -> Path:
+    """8 identical 48x48 RGB images whose red channel is the x coordinate and green the y coordinate,
+    so a crop's statistics reveal its box and flip; 2 shards."""
+    s = RAMP_SIZE
+    yy, xx = np.mgrid[0:s, 0:s]
+    pix = np.stack([255 * (xx + 0.5) / s, 255 * (yy + 0.5) / s, np.full((s, s), 128.0)], -1).astype(np.uint8)
+    jpeg = _jpeg(Image.fromarray(pix), quality=98)
+    return write_dataset(tmp_path_factory.mktemp("ramp"), ["ramp"], {"train": [[(jpeg, 0)] * 4] * 2})
