@@ -4,8 +4,9 @@ Two modes, both drawing crops from torchvision's ``RandomResizedCrop`` distribut
 
 * workers (``cache="none"``): DataLoader worker processes read each sample's JPEG by offset from its
   shard, decode it ONCE with PIL, and for every view crop + resize (PIL bilinear, antialiased) +
-  flip, giving uint8 (S, S, 3) arrays; batches travel as (B, S, S, 3), which viewed as (B, 3, S, S)
-  is already channels-last, and the main process runs the photometric stage on the device.
+  flip, writing uint8 (S, S, C) crops into the batch; batches travel as (B, S, S, C), which viewed
+  as (B, C, S, S) is already channels-last (C = 1 for an all-gray batch, else 3), and the main
+  process runs the photometric stage on the device.
 * RAM cache (``cache="ram"``): for small datasets whose images share one size (MNIST/CIFAR-like) the
   rank's images are decoded once at construction into a uint8 (N, C, H, W) tensor on the device
   (C = 1 for grayscale data); each batch's crops are one ``grid_sample`` (bilinear) per view over
@@ -247,12 +248,18 @@ class _CropDataset(Dataset):
         return os.pread(fd, jpg_size, jpg_off), label
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """A batch: per view uint8 (B, S, S, C) crops, C = 1 when every image is gray (the photometric
+        stage then does a third of the work) else 3; labels int64 (B,)."""
         views = self.spec.views
-        out = [np.empty((len(keys), v.size, v.size, 3), dtype=np.uint8) for v in views]
+        channels = 1
+        out = [np.empty((len(keys), v.size, v.size, channels), dtype=np.uint8) for v in views]
         labels = np.empty(len(keys), dtype=np.int64)
         for i, (pos, epoch) in enumerate(keys):
             jpeg, labels[i] = self._read(pos)
             img = _decode(jpeg)
+            if img.mode == "RGB" and channels == 1:  # first colour image: widen the batch once
+                channels = 3
+                out = [np.repeat(o, 3, axis=3) for o in out]
             rng = random.Random(derive_seed(self.seed, epoch, int(self.sample_ids[pos]), STREAM_CROP))
             for v, view in enumerate(views):
                 top, left, ch, cw = sample_rrc(img.height, img.width, view.scale, view.ratio, rng)
@@ -260,13 +267,13 @@ class _CropDataset(Dataset):
                 crop = np.asarray(
                     img.resize((view.size, view.size), Image.BILINEAR, box=(left, top, left + cw, top + ch))
                 )
-                if crop.ndim == 2:  # gray: resized at one channel, broadcast into three
+                if crop.ndim == 2:  # gray: resized at one channel, broadcast if the batch has three
                     crop = crop[..., None]
                 out[v][i] = crop[:, ::-1] if flip else crop
         return [torch.from_numpy(o) for o in out], torch.from_numpy(labels)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], int]:
-        """One sample: per-view (S, S, 3) uint8 tensors and the label."""
+        """One sample: per-view (S, S, C) uint8 tensors and the label."""
         crops, labels = self.__getitems__([key])
         return [c[0] for c in crops], int(labels[0])
 
@@ -451,5 +458,6 @@ class TorchLoader(Loader):
             return
         self._sampler.batches = [[(int(p), epoch) for p in pos] for pos in batches[start:]]
         for b, (crops, labels) in enumerate(self._dl, start=start):
+            # (B, S, S, C) -> (B, C, S, S) channels-last view, no copy
             crops = [c.to(self.device, non_blocking=True).permute(0, 3, 1, 2) for c in crops]
             yield Batch(self.photometric(crops, epoch, b), labels.to(self.device, non_blocking=True))

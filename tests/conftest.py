@@ -111,3 +111,15 @@ def ramp_dataset(tmp_path_factory) -> Path:
     pix = np.stack([255 * (xx + 0.5) / s, 255 * (yy + 0.5) / s, np.full((s, s), 128.0)], -1).astype(np.uint8)
     jpeg = _jpeg(Image.fromarray(pix), quality=98)
     return write_dataset(tmp_path_factory.mktemp("ramp"), ["ramp"], {"train": [[(jpeg, 0)] * 4] * 2})
+
+
+@pytest.fixture(scope="session")
+def mixed_mode_dataset(tmp_path_factory) -> Path:
+    """8 images of 32x32, gray first then alternating gray / RGB, so caches and batches must widen."""
+    rng = np.random.default_rng(2)
+    samples = []
+    for i in range(8):
+        pix = rng.integers(0, 256, size=(4, 4, 3)).astype(np.uint8)
+        img = Image.fromarray(pix).resize((32, 32), Image.BICUBIC)
+        samples.append((_jpeg(img.convert("L") if i % 2 == 0 else img), i % 2))
+    return write_dataset(tmp_path_factory.mktemp("mixed"), ["gray", "rgb"], {"train": [samples]})

@@ -380,3 +380,14 @@ def test_cuda_batches_match_cpu_batches(tiny_gray_dataset, cache):
         for vc, vg in zip(c.views, g.views, strict=True):
             assert vg.device.type == "cuda" and vg.is_contiguous(memory_format=torch.channels_last)
             torch.testing.assert_close(vg.cpu(), vc, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("cache", ["none", "ram"])
+def test_gray_and_colour_images_mix_in_one_batch(mixed_mode_dataset, cache):
+    spec = MultiCropSpec.preset("eval", global_size=32, mean=(0, 0, 0), std=(1, 1, 1))
+    loader = build_loader(mixed_mode_dataset, spec, 8, split="train", num_workers=0, cache=cache)
+    assert loader.mode == ("ram" if cache == "ram" else "workers")
+    views = next(iter(loader)).views[0]
+    for i, (jpeg, _) in enumerate(_split_samples(mixed_mode_dataset, "train")):
+        pixels = torch.from_numpy(np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")).copy())
+        torch.testing.assert_close(views[i], pixels.permute(2, 0, 1).float() / 255, atol=1e-6, rtol=0)
