@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -32,6 +33,8 @@ class DataConfig:
     cache: str = "auto"  # torch backend: ram | none | auto
     mean: list[float] | None = None
     std: list[float] | None = None
+    # ViewSpec fields set on every view of the preset, e.g. {scale: [0.3, 1.0], blur_p: 0.0} for 32 px data
+    aug: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -89,3 +89,14 @@ def test_torchrun_two_ranks_gloo_finish_with_identical_weights(tiny_gray_dataset
     assert len(digests) == 2 and digests[0] == digests[1]
     # The checkpoint rank 0 wrote holds those weights, and training moved them.
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 4
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_other_precisions_train_a_few_steps(tiny_gray_dataset, tmp_path, precision):
+    out = tmp_path / precision
+    results = _fit(tiny_gray_dataset, out, **{"train.precision": precision, "train.max_steps": 3, "eval.knn": "false"})
+    assert results["steps"] == 3 and results["final_loss"] == results["final_loss"]  # not NaN
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    if precision == "fp16":  # the GradScaler ran and its state is checkpointed
+        assert state["scaler"]["scale"] > 0
+    assert state["loader"] == {"epoch": 0, "batch": 3}

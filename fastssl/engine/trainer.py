@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -15,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import pipelines
-from fastssl.config import validate
+from fastssl.config import ConfigError, validate
 from fastssl.engine import distributed
 from fastssl.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fastssl.engine.knn import extract_features, knn_top1
@@ -36,7 +37,18 @@ def build_spec(cfg: DictConfig, name: str | None = None) -> pipelines.MultiCropS
         kwargs["n_local"] = d.n_local
     if d.mean is not None:
         kwargs["mean"], kwargs["std"] = tuple(d.mean), tuple(d.std)
-    return pipelines.MultiCropSpec.preset(name or d.spec, **kwargs)
+    spec = pipelines.MultiCropSpec.preset(name or d.spec, **kwargs)
+    if d.aug and spec.name != "eval":
+        aug = {k: tuple(v) if isinstance(v, list | tuple) or OmegaConf.is_list(v) else v for k, v in d.aug.items()}
+        try:
+            views = tuple(dataclasses.replace(v, **aug) for v in spec.views)
+        except TypeError as e:
+            fields = ", ".join(f.name for f in dataclasses.fields(pipelines.ViewSpec))
+            raise ConfigError(f"data.aug: {e}; the keys are ViewSpec fields: {fields}") from None
+        except ValueError as e:
+            raise ConfigError(f"data.aug: {e}") from None
+        spec = dataclasses.replace(spec, views=views)
+    return spec
 
 
 def build_model(cfg: DictConfig) -> nn.Module:
@@ -55,6 +67,7 @@ class Trainer:
         self.device = self.dist.device
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_path = self.out_dir / "checkpoints" / "last.pt"
+        self._eval_loader_cache: dict | None = None
 
     # ----------------------------------------------------------------------------------------- setup
     def _seed(self) -> None:
@@ -247,6 +260,21 @@ class Trainer:
         return row
 
     # ------------------------------------------------------------------------------------------- kNN
+    def _eval_loaders(self) -> dict:
+        """Deterministic loaders over the train (kNN bank) and val (queries) splits, built once per run so
+        the init and final evaluations share one decode."""
+        if self._eval_loader_cache is None:
+            cfg = self.cfg
+            spec = build_spec(cfg, "eval")
+            self._eval_loader_cache = {
+                split: pipelines.build_loader(
+                    cfg.data.path, spec, cfg.eval.batch_size, split=split, device=self.device, backend="torch",
+                    num_workers=cfg.data.num_workers, cache=cfg.data.cache, shuffle=False, drop_last=False,
+                )
+                for split in ("train", "val")
+            }
+        return self._eval_loader_cache
+
     @torch.no_grad()
     def knn_eval(self, backbone: nn.Module | None = None) -> float:
         """Weighted kNN top-1 (%) of the frozen backbone: train split as the bank, val split as queries.
@@ -258,14 +286,8 @@ class Trainer:
         top1 = float("nan")
         if self.dist.is_main:
             manifest = load_manifest(cfg.data.path)
-            spec = build_spec(cfg, "eval")
             feats = {}
-            for split in ("train", "val"):
-                loader = pipelines.build_loader(
-                    cfg.data.path, spec, cfg.eval.batch_size, split=split, device=self.device,
-                    backend="torch", num_workers=cfg.data.num_workers, cache=cfg.data.cache,
-                    shuffle=False, drop_last=False,
-                )
+            for split, loader in self._eval_loaders().items():
                 feats[split] = extract_features(backbone, _limit(loader, cfg.eval.knn_max_train)
                                                 if split == "train" else loader, cfg.train.precision)
             top1 = knn_top1(*feats["train"], *feats["val"], k=cfg.eval.knn_k, temperature=cfg.eval.knn_t,
