@@ -129,6 +129,16 @@ def test_corrupt_and_truncated_files_are_skipped_named_and_the_rest_is_readable(
     assert shard_counts(manifest, "train") == [5, 5, 5, 3]
     assert len({key for _, key, _, _ in samples}) == 18
 
+    # The training loader reads the result: every sample once per epoch, with the contract's views.
+    import pipelines
+
+    loader = pipelines.build_loader(dst, pipelines.MultiCropSpec.preset("byol", global_size=24), 6, num_workers=0)
+    labels = []
+    for batch in loader:
+        assert [tuple(v.shape) for v in batch.views] == [(6, 3, 24, 24), (6, 3, 24, 24)]
+        labels += batch.labels.tolist()
+    assert sorted(labels) == sorted(label for *_, label in samples)
+
 
 def test_jpeg_within_max_side_is_stored_byte_identical(tmp_path):
     src = tmp_path / "src"

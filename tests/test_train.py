@@ -100,3 +100,14 @@ def test_other_precisions_train_a_few_steps(tiny_gray_dataset, tmp_path, precisi
     if precision == "fp16":  # the GradScaler ran and its state is checkpointed
         assert state["scaler"]["scale"] > 0
     assert state["loader"] == {"epoch": 0, "batch": 3}
+
+
+def test_checkpoint_write_that_fails_leaves_the_previous_file_intact(tmp_path):
+    from fastssl.engine.checkpoint import save_checkpoint
+
+    path = tmp_path / "checkpoints" / "last.pt"
+    save_checkpoint({"step": 1, "w": torch.arange(4.0)}, path)
+    with pytest.raises(Exception):  # noqa: B017 (pickling a lambda fails inside torch.save)
+        save_checkpoint({"step": 2, "bad": lambda: None}, path)
+    assert load_checkpoint(path)["step"] == 1
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]  # no temp file left behind

@@ -1,0 +1,94 @@
+"""JIT builds of the C++/CUDA optimizer kernels in ``csrc/`` (torch.utils.cpp_extension, cached).
+
+The first call compiles (about 30-60 s for the CPU kernel with g++, longer for the CUDA one with nvcc)
+into ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/fastssl/torch_extensions``; later calls, in any process,
+load the cached library in well under a second (the cache is keyed on the sources and flags).
+A failed build is remembered for the process, so callers can fall back without retrying each step.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+from types import ModuleType
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+
+_lock = threading.Lock()
+_loaded: dict[str, ModuleType | BaseException] = {}
+
+
+def build_dir() -> Path:
+    """Where compiled extensions are cached."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "fastssl" / "torch_extensions"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def nvcc_available() -> bool:
+    """True when a CUDA toolkit (nvcc) is installed, GPU or not: the CUDA kernel can then be compiled."""
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    return shutil.which("nvcc") is not None or (home is not None and (Path(home) / "bin" / "nvcc").exists())
+
+
+def _load(name: str, sources: list[str], **kwargs) -> ModuleType:
+    with _lock:
+        cached = _loaded.get(name)
+        if isinstance(cached, ModuleType):
+            return cached
+        if cached is not None:
+            raise RuntimeError(f"building {name} failed earlier in this process") from cached
+        from torch.utils import cpp_extension
+
+        try:
+            module = cpp_extension.load(
+                name=name, sources=[str(CSRC / s) for s in sources], build_directory=_named_dir(name),
+                verbose=False, **kwargs,
+            )
+        except BaseException as exc:  # noqa: BLE001 - compiler errors arrive as several exception types
+            _loaded[name] = exc
+            raise
+        _loaded[name] = module
+        return module
+
+
+def _named_dir(name: str) -> str:
+    path = build_dir() / name
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def load_lars_cpu() -> ModuleType:
+    """The fused CPU LARS kernel (``csrc/lars_cpu.cpp``): ``lars_step(params, grads, bufs, lr, momentum,
+    weight_decay, eta, nesterov, exclude)`` over lists of fp32 CPU tensors."""
+    return _load("fastssl_lars_cpu", ["lars_cpu.cpp"], extra_cflags=["-O3"])
+
+
+def load_lars_cuda(arch_list: str | None = None) -> ModuleType:
+    """The multi-tensor CUDA LARS kernel (``csrc/lars_cuda.cu`` + binding ``csrc/lars_cuda.cpp``):
+    ``lars_step(params, grads, bufs, group_index, lr, momentum, weight_decay, eta, nesterov, exclude)``.
+
+    ``arch_list`` (e.g. ``"9.0"``) is the ``TORCH_CUDA_ARCH_LIST`` of the build; it lets the kernel compile
+    on a machine without a GPU and keeps the build short (one architecture). By default: the current GPU's.
+    The architecture is part of the cached module's name, as cpp_extension's cache key ignores it.
+    """
+    if arch_list is None:
+        import torch
+
+        major, minor = torch.cuda.get_device_capability()
+        arch_list = f"{major}.{minor}"
+    name = "fastssl_lars_cuda_sm" + "_".join(a.replace(".", "") for a in arch_list.split(";"))
+    saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+    try:
+        return _load(name, ["lars_cuda.cpp", "lars_cuda.cu"], extra_cflags=["-O3"], extra_cuda_cflags=["-O3"])
+    finally:
+        if saved is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved
