@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -95,3 +96,18 @@ def test_forced_triton_on_cpu_without_interpreter_says_why(monkeypatch):
 def test_cpu_tensors_default_to_the_twin(monkeypatch):
     monkeypatch.delenv("FASTSSL_KERNELS", raising=False)
     assert not kernels.use_triton(torch.randn(2, 2))
+
+
+def test_interpreter_enabled_after_kernel_import_says_why():
+    # Triton fixes interpreted-or-compiled at import; a fresh process imports the kernel without the flag.
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    code = ("import os, torch, fastssl.kernels as k, fastssl.kernels.normalized_mse_triton\n"
+            "os.environ.update(FASTSSL_KERNELS='triton', TRITON_INTERPRET='1')\n"
+            "try:\n    k.normalized_mse(torch.randn(3, 2), torch.randn(3, 2))\n"
+            "except RuntimeError as e:\n    print(e)\n")
+    env = {key: v for key, v in os.environ.items() if key not in ("TRITON_INTERPRET", "FASTSSL_KERNELS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert "imported before TRITON_INTERPRET=1" in out.stdout, out.stderr

@@ -168,3 +168,25 @@ def test_real_sizes_on_gpu(dtype):
     torch.testing.assert_close(kernels.nt_xent(z1, z2, 0.1), reference.nt_xent(z1, z2, 0.1), **TOL[dtype])
     scores = torch.nn.functional.normalize(torch.randn(256, 3000, device=DEVICE), dim=1).to(dtype)
     torch.testing.assert_close(kernels.sinkhorn(scores), reference.sinkhorn(scores), rtol=1e-4, atol=1e-6)
+
+
+def test_byol_trains_the_same_through_the_fused_kernel(monkeypatch):
+    from fastssl.methods import build_method
+    from fastssl.models import build_backbone
+
+    def loss_and_grads(mode):
+        monkeypatch.setenv("FASTSSL_KERNELS", mode)
+        torch.manual_seed(0)
+        backbone = build_backbone("resnet18", width=4, small_images=True)
+        method = build_method("byol", backbone, backbone.feat_dim, proj_hidden=32, proj_dim=16, pred_hidden=32)
+        method = method.to(DEVICE)
+        g = torch.Generator().manual_seed(1)
+        views = [torch.randn(4, 3, 16, 16, generator=g).to(DEVICE) for _ in range(2)]
+        loss, _ = method(views)
+        loss.backward()
+        return loss.detach(), next(iter(method.predictor.parameters())).grad
+
+    loss_t, grad_t = loss_and_grads("triton")
+    loss_r, grad_r = loss_and_grads("reference")
+    torch.testing.assert_close(loss_t, loss_r, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_t, grad_r, rtol=1e-4, atol=1e-6)

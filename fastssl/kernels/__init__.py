@@ -9,6 +9,7 @@ modules are therefore imported lazily, on the first call that needs them.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -25,6 +26,11 @@ __all__ = ["all_gather_with_grad", "info_nce", "normalized_mse", "nt_xent", "sin
 _MODES = ("auto", "reference", "triton")
 
 
+@functools.cache
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
@@ -37,7 +43,7 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if mode == "reference":
         return False
     on_cuda = all(t.is_cuda for t in tensors)
-    have_triton = importlib.util.find_spec("triton") is not None
+    have_triton = _have_triton()
     if mode == "auto":
         return on_cuda and have_triton
     if not have_triton:
@@ -48,9 +54,13 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def _kernel(name: str) -> ModuleType:
+def _kernel(name: str, *tensors: torch.Tensor) -> ModuleType:
     # Named *_triton so importing one never shadows the public function of the same name in this package.
-    return importlib.import_module(f"fastssl.kernels.{name}")
+    module = importlib.import_module(f"fastssl.kernels.{name}")
+    if not all(t.is_cuda for t in tensors) and not module.INTERPRETED:
+        raise RuntimeError(f"fastssl.kernels.{name} was imported before TRITON_INTERPRET=1 was set, so its kernels "
+                           "are compiled for CUDA and cannot take CPU tensors; set it before the first kernel call")
+    return module
 
 
 def normalized_mse(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -59,13 +69,13 @@ def normalized_mse(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"normalized_mse expects two (N, D) tensors of one shape, got {tuple(p.shape)} and "
                          f"{tuple(z.shape)}")
     if use_triton(p, z):
-        return _kernel("normalized_mse_triton").normalized_mse(p, z)
+        return _kernel("normalized_mse_triton", p, z).normalized_mse(p, z)
     return reference.normalized_mse(p, z)
 
 
 def _contrastive_rows(q, pos, keys, temperature, self_col=None, extra_pos=False) -> torch.Tensor:
     if use_triton(q, pos, keys):
-        return _kernel("info_nce_triton").contrastive_rows(q, pos, keys, temperature, self_col, extra_pos)
+        return _kernel("info_nce_triton", q, pos, keys).contrastive_rows(q, pos, keys, temperature, self_col, extra_pos)
     return reference.contrastive_rows(q, pos, keys, temperature, self_col, extra_pos)
 
 
@@ -123,7 +133,7 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, n_iters: int = 3) -> torch
     if scores.dim() != 2:
         raise ValueError(f"sinkhorn expects (B, K) scores, got {tuple(scores.shape)}")
     if use_triton(scores) and rank_and_world_size()[1] == 1:
-        return _kernel("sinkhorn_triton").sinkhorn(scores, eps, n_iters)
+        return _kernel("sinkhorn_triton", scores).sinkhorn(scores, eps, n_iters)
     return reference.sinkhorn(scores, eps, n_iters)
 
 

@@ -127,8 +127,8 @@ def _dk_kernel(q_ptr, k_ptr, self_ptr, lse_ptr, w_ptr, dk_ptr, n_rows, n_keys, d
     tl.store(dk_ptr + kcols[:, None] * dim + dcols[None, :], acc, mask=kmask)
 
 
-def _interpreting(fn) -> bool:
-    return not isinstance(fn, triton.runtime.JITFunction)
+# Triton chose interpreted or compiled when the kernels above were decorated (TRITON_INTERPRET at import).
+INTERPRETED = not isinstance(_dk_kernel, triton.runtime.JITFunction)
 
 
 def _config(dtype: torch.dtype, dim: int) -> dict:
@@ -137,7 +137,7 @@ def _config(dtype: torch.dtype, dim: int) -> dict:
     block_d = triton.next_power_of_2(max(dim, 16))
     block_m, block_n, warps = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 64, 4),
                                256: (64, 32, 8)}.get(block_d, (32, 32, 8))
-    return dict(DOT_F32=dtype == torch.bfloat16 and _interpreting(_fwd_kernel),
+    return dict(DOT_F32=dtype == torch.bfloat16 and INTERPRETED,
                 PRECISION="ieee" if dtype == torch.float32 else "tf32",
                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
 

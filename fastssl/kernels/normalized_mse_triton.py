@@ -70,6 +70,10 @@ def _bwd_kernel(p_ptr, z_ptr, g_ptr, stats_ptr, dp_ptr, dz_ptr, n_rows, dim, str
             tl.store(dz_ptr + rows[:, None] * dim + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
+# Triton chose interpreted or compiled when the kernels above were decorated (TRITON_INTERPRET at import).
+INTERPRETED = not isinstance(_bwd_kernel, triton.runtime.JITFunction)
+
+
 def _blocks(dim: int) -> tuple[int, int]:
     block_d = min(triton.next_power_of_2(max(dim, 16)), 256)
     return max(4096 // block_d, 1), block_d

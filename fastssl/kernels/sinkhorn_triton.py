@@ -75,6 +75,10 @@ def _sinkhorn_kernel(s_ptr, q_ptr, u_ptr, v_ptr, n_b, n_k, stride_s, inv_eps, lo
             tl.store(q_ptr + rb[:, None] * n_k + kc[None, :], tl.exp(x), mask=mask)
 
 
+# Triton chose interpreted or compiled when the kernels above were decorated (TRITON_INTERPRET at import).
+INTERPRETED = not isinstance(_sinkhorn_kernel, triton.runtime.JITFunction)
+
+
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, eps: float = 0.05, n_iters: int = 3) -> torch.Tensor:
     """Fused twin of :func:`fastssl.kernels.reference.sinkhorn` for one rank.

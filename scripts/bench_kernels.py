@@ -1,0 +1,207 @@
+"""Benchmark the loss kernels at SSL sizes: eager twin vs torch.compile(twin) vs the fused Triton kernel.
+
+    python scripts/bench_kernels.py [--json OUT] [--device auto|cuda|cpu] [--reps 20] [--no-compile] [--threads T]
+
+Each differentiable op is timed forward + backward (Sinkhorn, a no-grad target, forward only). Time is
+the median over ``--reps`` calls after warm-up (CUDA events on a GPU, perf_counter on CPU); peak memory
+is what the call allocates above what was live before it (CUDA allocator statistics on a GPU, the
+profiler's allocation trace on CPU). On CPU the sizes are reduced and the Triton column is skipped:
+the fused kernels need CUDA (their CPU path is Triton's interpreter, a correctness tool).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fastssl import kernels  # noqa: E402
+from fastssl.kernels import reference  # noqa: E402
+
+
+@dataclass
+class Case:
+    op: str
+    size: str
+    make: Callable[[torch.device, torch.dtype], tuple]  # -> (inputs needing grad, other args)
+    twin: Callable
+    fused: Callable
+    backward: bool = True
+
+
+def _randn(*shape, device, dtype, grad=True):
+    return torch.randn(*shape, device=device).to(dtype).requires_grad_(grad)
+
+
+def _cases(gpu: bool) -> list[Case]:
+    # GPU: real SSL sizes. CPU: reduced so the whole run stays in minutes on a laptop-class machine.
+    n_byol, n_v3, (n_v2, k_v2), n_simclr, (b_swav, k_swav) = (
+        (4096, 4096, (256, 65536), 4096, (256, 3000)) if gpu else (1024, 512, (128, 16384), 512, (256, 3000)))
+    return [
+        Case("normalized_mse", f"N={n_byol} D=256",
+             lambda dev, dt: ((_randn(n_byol, 256, device=dev, dtype=dt), _randn(n_byol, 256, device=dev, dtype=dt)),
+                              ()),
+             lambda p, z: reference.normalized_mse(p, z).mean(), lambda p, z: kernels.normalized_mse(p, z).mean()),
+        Case("info_nce (MoCo v3)", f"N={n_v3} D=256",
+             lambda dev, dt: ((_randn(n_v3, 256, device=dev, dtype=dt), _randn(n_v3, 256, device=dev, dtype=dt)), ()),
+             lambda q, k: reference.info_nce(q, k, 0.2), lambda q, k: kernels.info_nce(q, k, 0.2)),
+        Case("info_nce (MoCo v2 queue)", f"N={n_v2} K={k_v2} D=128",
+             lambda dev, dt: ((_randn(n_v2, 128, device=dev, dtype=dt), _randn(n_v2, 128, device=dev, dtype=dt)),
+                              (F.normalize(torch.randn(k_v2, 128, device=dev), dim=1).to(dt),)),
+             lambda q, k, queue: reference.info_nce(q, k, 0.2, queue=queue),
+             lambda q, k, queue: kernels.info_nce(q, k, 0.2, queue=queue)),
+        Case("nt_xent (SimCLR)", f"N={n_simclr} (2N rows) D=128",
+             lambda dev, dt: ((_randn(n_simclr, 128, device=dev, dtype=dt),
+                               _randn(n_simclr, 128, device=dev, dtype=dt)), ()),
+             lambda a, b: reference.nt_xent(a, b, 0.1), lambda a, b: kernels.nt_xent(a, b, 0.1)),
+        Case("sinkhorn (SwAV)", f"B={b_swav} K={k_swav} 3 iters",
+             lambda dev, dt: ((), (F.normalize(torch.randn(b_swav, k_swav, device=dev), dim=1).to(dt),)),
+             lambda s: reference.sinkhorn(s), lambda s: kernels.sinkhorn(s), backward=False),
+    ]
+
+
+def _call(fn, grads, args, backward):
+    for t in grads:
+        t.grad = None
+    out = fn(*grads, *args)
+    if backward:
+        out.backward()
+    return out
+
+
+def _time(fn, grads, args, backward, device, reps) -> float:
+    for _ in range(3):
+        _call(fn, grads, args, backward)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            _call(fn, grads, args, backward)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            _call(fn, grads, args, backward)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _peak_mib(fn, grads, args, backward, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        _call(fn, grads, args, backward)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _call(fn, grads, args, backward)
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for e in events:
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    ap.add_argument("--reps", type=int, default=None, help="timed calls per case (default 20 on GPU, 5 on CPU)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile(twin) column")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gpu = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
+    device = torch.device("cuda" if gpu else "cpu")
+    dtype = torch.bfloat16 if gpu else torch.float32
+    reps = args.reps or (20 if gpu else 5)
+    notes = []
+    if not gpu:
+        notes.append("no CUDA: Triton kernels need a GPU (their CPU path is the interpreter, for tests only); "
+                     "sizes reduced; fp32; peak memory from the CPU profiler's allocation trace")
+    results = []
+    for case in _cases(gpu):
+        torch.manual_seed(0)
+        grads, extra = case.make(device, dtype)
+        impls = {"eager": case.twin}
+        if not args.no_compile:
+            impls["compile"] = torch.compile(case.twin, dynamic=False)
+        if gpu:
+            impls["triton"] = case.fused
+        for impl, fn in impls.items():
+            os.environ["FASTSSL_KERNELS"] = "triton" if impl == "triton" else "reference"
+            t0 = time.perf_counter()
+            _call(fn, grads, extra, case.backward)  # first call: compilation, not timed
+            first_s = time.perf_counter() - t0
+            row = dict(op=case.op, size=case.size, impl=impl, dtype=str(dtype).replace("torch.", ""),
+                       median_ms=round(_time(fn, grads, extra, case.backward, device, reps), 4),
+                       peak_mib=round(_peak_mib(fn, grads, extra, case.backward, device), 2),
+                       first_call_s=round(first_s, 2), backward=case.backward)
+            results.append(row)
+            print(f"{row['op']:<26} {row['size']:<26} {impl:<8} {row['median_ms']:>10.3f} ms "
+                  f"{row['peak_mib']:>10.2f} MiB", flush=True)
+        os.environ.pop("FASTSSL_KERNELS", None)
+    name = torch.cuda.get_device_name() if gpu else _cpu_name()
+    command = " ".join(["python", "scripts/bench_kernels.py", *(argv if argv is not None else sys.argv[1:])])
+    report = dict(date=datetime.date.today().isoformat(), device=name, cpu_count=os.cpu_count(),
+                  threads=torch.get_num_threads(),
+                  torch=torch.__version__, triton=_triton_version(), reps=reps, notes=notes, results=results,
+                  command=command)
+    print()
+    print(_table(results))
+    for note in notes:
+        print(f"note: {note}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+def _table(results: list[dict]) -> str:
+    lines = ["| op | size | impl | median ms | peak MiB |", "|---|---|---|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['op']} | {r['size']} | {r['impl']} | {r['median_ms']:.3f} | {r['peak_mib']:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
