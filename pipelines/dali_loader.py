@@ -1,0 +1,250 @@
+"""The DALI backend: decode each JPEG once (on the GPU's hardware decoder when there is one), then cut
+every view out of the one decoded image; the photometric stage is the shared one on the device.
+
+How the Loader contract is kept. DALI's own webdataset reader shuffles through a buffer seeded per
+pipeline, so its order is neither a pure function of (seed, epoch) nor resumable at batch b without
+re-reading the epoch. Instead the base class's plan drives DALI: for each batch the Python side reads
+the planned samples' JPEG bytes from the shards by the byte offsets in the ``.idx`` index beside each
+tar (one ``pread`` each) and feeds them through ``fn.external_source``, together with each view's crop
+box. Boxes and flips come from ``pipelines.torch_loader.sample_rrc`` seeded by (seed, epoch, sample
+id), the very draws of the torch backend, so both backends crop the same boxes, and order, crops and
+resume are pure functions of the plan. Only the JPEG header is parsed in Python (for the image size
+the box needs); DALI decodes (``fn.decoders.image``, "mixed" = nvJPEG on CUDA, "cpu" otherwise with
+``device_id=None``) and resizes each box with ``fn.resize(roi_start, roi_end)`` (a reversed x range
+is the flip), antialiased linear, uint8 out: one decoder op feeding 1 + V resize ops.
+
+``dali_photometric=True`` runs colour jitter / grayscale / blur / solarize / normalize in DALI instead
+(for the benchmark). Its random decisions are the shared stage's (``sample_photometric_params`` with
+the same generator keys), but DALI's ``color_twist`` applies brightness, contrast, saturation and hue
+in one fixed order (torchvision draws a random order), grayscale is folded in as saturation 0, and the
+blur runs on every image (sigma ~0, an identity, where it does not fire); close, not bit-equal.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipelines import STREAM_CROP, STREAM_PHOTO, Batch, Loader, derive_seed
+from pipelines.formats import DatasetFormatError, load_manifest, shard_counts, shard_paths
+from pipelines.photometric import JITTER_OPS, blur_kernel_size, sample_photometric_params
+from pipelines.spec import MultiCropSpec, ViewSpec
+from pipelines.torch_loader import _INDEX_COLUMNS, index_shard, sample_rrc
+
+_NO_BLUR_SIGMA = 1e-3  # a Gaussian this narrow is a delta at any pixel spacing: the identity
+
+
+def default_num_threads() -> int:
+    """DALI CPU threads per rank: this rank's share of the cores, at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, cpus // local_ranks))
+
+
+def jpeg_size(jpeg: bytes) -> tuple[int, int]:
+    """(height, width) from a JPEG header, without decoding."""
+    with Image.open(io.BytesIO(jpeg)) as img:
+        return img.height, img.width
+
+
+def crop_rois(h: int, w: int, views: tuple[ViewSpec, ...], rng: random.Random) -> list[tuple[list, list]]:
+    """Per view, ``fn.resize`` ROI ``([top, x0], [bottom, x1])`` in pixels; x0 > x1 when flipped.
+
+    Draws exactly what the torch backend draws for one sample: per view a ``sample_rrc`` box, then
+    the flip coin, from one ``random.Random`` seeded by (seed, epoch, sample id, STREAM_CROP).
+    """
+    out = []
+    for view in views:
+        top, left, ch, cw = sample_rrc(h, w, view.scale, view.ratio, rng)
+        flip = rng.random() < view.flip_p
+        x0, x1 = (left + cw, left) if flip else (left, left + cw)
+        out.append(([float(top), float(x0)], [float(top + ch), float(x1)]))
+    return out
+
+
+def _dali_photometric(fn, types, crop, view: ViewSpec, params, mean, std):
+    """DALI twin of the shared photometric stage for one view (see the module docstring)."""
+    b, c, s, h, gray, sigma, sol = params
+    x = fn.color_twist(crop, brightness=b, contrast=c, saturation=s * (1.0 - gray), hue=h)
+    kernel = blur_kernel_size(view.size)
+    x = fn.gaussian_blur(x, sigma=sigma, window_size=kernel)
+    x = fn.cast(x, dtype=types.FLOAT)
+    x = x + sol * fn.cast(x >= 128.0, dtype=types.FLOAT) * (255.0 - 2.0 * x)  # solarize where it fires
+    return fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="HWC",
+                                    mean=[255.0 * m for m in mean], std=[255.0 * v for v in std])
+
+
+class DaliLoader(Loader):
+    """DALI backend; see the module docstring. Arguments as ``pipelines.build_loader``, plus
+    ``num_workers`` = DALI CPU threads, ``dali_photometric`` (run the photometric stage in DALI) and
+    ``prefetch`` (batches DALI prepares ahead)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        spec: MultiCropSpec,
+        batch_size: int,
+        *,
+        split: str = "train",
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        num_workers: int | None = None,
+        dali_photometric: bool = False,
+        prefetch: int = 2,
+    ):
+        self.path = Path(path)
+        manifest = load_manifest(self.path)
+        self.shard_files = [str(p) for p in shard_paths(self.path, split, manifest)]
+        super().__init__(shard_counts(manifest, split), spec, batch_size, rank=rank, world_size=world_size,
+                         device=device, seed=seed, shuffle=shuffle, drop_last=drop_last)
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device}")
+        self.split = split
+        self.num_threads = default_num_threads() if num_workers is None else max(1, int(num_workers))
+        self.dali_photometric = bool(dali_photometric)
+        self.prefetch = int(prefetch)
+        self.decoder_device = "mixed" if self.device.type == "cuda" else "cpu"
+        self._index_samples()
+        self._fds: dict[int, int] = {}
+
+    # ---- shard access ------------------------------------------------------------------------
+    def _index_samples(self) -> None:
+        """Per sample of this rank: its shard and the byte locations of its JPEG and label."""
+        index = {}
+        for s in self.shards:
+            index[s] = index_shard(self.shard_files[s])
+            if len(index[s]) != self.counts[s]:
+                raise DatasetFormatError(
+                    f"{self.shard_files[s]}: {len(index[s])} samples, manifest says {self.counts[s]}; "
+                    "rerun fastssl-convert"
+                )
+        self.shard_of = np.searchsorted(self.offsets, self.sample_ids, side="right") - 1
+        self.index = np.empty((len(self.sample_ids), _INDEX_COLUMNS), dtype=np.int64)
+        for s in self.shards:
+            mine = self.shard_of == s
+            self.index[mine] = index[s][self.sample_ids[mine] - self.offsets[s]]
+
+    def _read(self, pos: int) -> tuple[bytes, int]:
+        shard = int(self.shard_of[pos])
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(self.shard_files[shard], os.O_RDONLY)
+        jpg_off, jpg_size, lbl_off, lbl_size, ascii_label = (int(v) for v in self.index[pos])
+        raw = os.pread(fd, lbl_size, lbl_off)
+        label = int(raw.decode()) if ascii_label else struct.unpack("<i", raw)[0]
+        return os.pread(fd, jpg_size, jpg_off), label
+
+    def __del__(self):
+        for fd in getattr(self, "_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # ---- what the Python side feeds DALI per batch --------------------------------------------
+    def _feed(self, positions: np.ndarray, epoch: int, b: int) -> list[list[np.ndarray]]:
+        """External-source inputs of one batch: jpegs, labels, per view roi_start and roi_end, and with
+        ``dali_photometric`` per view the 7 photometric parameters. Each a list of per-sample arrays."""
+        views = self.spec.views
+        jpegs, labels = [], []
+        rois: list[list] = [[] for _ in views]
+        for pos in positions:
+            jpeg, label = self._read(int(pos))
+            jpegs.append(np.frombuffer(jpeg, dtype=np.uint8))
+            labels.append(np.array([label], dtype=np.int32))
+            rng = random.Random(derive_seed(self.seed, epoch, int(self.sample_ids[pos]), STREAM_CROP))
+            for v, roi in enumerate(crop_rois(*jpeg_size(jpeg), views, rng)):
+                rois[v].append(roi)
+        out = [jpegs, labels]
+        for per_view in rois:
+            out.append([np.array(start, dtype=np.float32) for start, _ in per_view])
+            out.append([np.array(end, dtype=np.float32) for _, end in per_view])
+        if self.dali_photometric:
+            for i, view in enumerate(views):
+                gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank, b, i, STREAM_PHOTO))
+                p = sample_photometric_params(view, len(positions), gen)
+                jit = p["jitter"]
+                eff = {k: torch.where(jit, p[k], torch.tensor(0.0 if k == "hue" else 1.0)) for k in JITTER_OPS}
+                cols = [eff["brightness"], eff["contrast"], eff["saturation"], eff["hue"] * 360.0,
+                        p["gray"].float(), torch.where(p["blur"], p["sigma"], torch.tensor(_NO_BLUR_SIGMA)),
+                        p["solarize"].float()]
+                out += [[np.float32(x) for x in col.numpy()] for col in cols]
+        return out
+
+    # ---- the pipeline ------------------------------------------------------------------------
+    def build_pipeline(self, source):
+        """A DALI pipeline over ``source`` (an iterable of ``_feed`` batches). Outputs: labels, then per
+        view its crops: uint8 (B, S, S, 3) HWC, or with ``dali_photometric`` float32 normalized HWC."""
+        from nvidia.dali import fn, pipeline_def, types
+
+        views, mean, std = self.spec.views, self.spec.mean, self.spec.std
+        n_photo = 7 if self.dali_photometric else 0
+        n_inputs = 2 + 2 * len(views) + n_photo * len(views)
+        device_id = (self.device.index or 0) if self.device.type == "cuda" else None
+
+        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, device_id=device_id,
+                      prefetch_queue_depth=self.prefetch, seed=derive_seed(self.seed, self.rank) % (1 << 31))
+        def graph():
+            inputs = fn.external_source(source=source, num_outputs=n_inputs, batch=True)
+            jpegs, labels, rest = inputs[0], inputs[1], inputs[2:]
+            image = fn.decoders.image(jpegs, device=self.decoder_device, output_type=types.RGB)  # the one decode
+            outs = [labels]
+            for i, view in enumerate(views):
+                start, end = rest[2 * i], rest[2 * i + 1]
+                crop = fn.resize(image, size=[view.size, view.size], roi_start=start, roi_end=end,
+                                 interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.UINT8)
+                if self.dali_photometric:
+                    base = 2 * len(views) + n_photo * i
+                    crop = _dali_photometric(fn, types, crop, view, rest[base : base + n_photo], mean, std)
+                outs.append(crop)
+            return tuple(outs)
+
+        pipe = graph()
+        pipe.build()
+        return pipe
+
+    def _to_torch(self, out) -> torch.Tensor:
+        """A dense DALI TensorList (CPU or GPU) -> a torch tensor on the loader's device (a copy)."""
+        if hasattr(out, "as_cpu") and self.device.type == "cuda":
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            t = out.as_tensor()
+            dst = torch.empty(t.shape(), dtype=_torch_dtype(t.dtype), device=self.device)
+            feed_ndarray(t, dst, cuda_stream=torch.cuda.current_stream(self.device))
+            return dst
+        return torch.from_numpy(np.array(out.as_array(), copy=True)).to(self.device, non_blocking=True)
+
+    def _iter_epoch(self, epoch: int, start: int) -> Iterator[Batch]:
+        batches = self.batch_positions(epoch)[start:]
+        source = (self._feed(pos, epoch, b) for b, pos in enumerate(batches, start=start))
+        # A fresh pipeline per epoch: the source is this epoch's plan from the resume point.
+        pipe = self.build_pipeline(source)
+        try:
+            for b in range(start, start + len(batches)):
+                outs = pipe.run()
+                labels = self._to_torch(outs[0]).reshape(-1).long()
+                # (B, S, S, 3) -> (B, 3, S, S) channels-last view, no copy
+                crops = [self._to_torch(o).permute(0, 3, 1, 2) for o in outs[1:]]
+                views = crops if self.dali_photometric else self.photometric(crops, epoch, b)
+                yield Batch(views, labels)
+        finally:
+            del pipe
+
+
+def _torch_dtype(dali_dtype) -> torch.dtype:
+    from nvidia.dali import types
+
+    return {types.DALIDataType.UINT8: torch.uint8, types.DALIDataType.FLOAT: torch.float32,
+            types.DALIDataType.INT32: torch.int32}[dali_dtype]
