@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipelines.formats import ShardWriter, write_manifest
+
+# Triton decides at kernel definition (first import of a kernel module) whether it interprets; without a
+# GPU every test process must interpret, whichever test module happens to import fastssl first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _jpeg(img: Image.Image, quality: int = 95) -> bytes:
