@@ -15,6 +15,8 @@
 #include <cstring>
 #include <vector>
 
+#include "dense_layout.h"
+
 namespace {
 
 // torch's CPU `add(a, b, alpha)` computes fma(b, alpha, a) where the CPU has FMA; doing the same keeps this
@@ -70,17 +72,6 @@ inline void sum_squares2(const float* w, const float* g, int64_t n, double* w2, 
   *g2 = sg;
 }
 
-// Same storage order with no gaps for all three: all contiguous, or all channels-last contiguous
-// (sizes are compared separately). Strides alone would reject equal layouts that differ only on size-1 dims.
-bool same_dense_layout(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
-  for (auto f : {at::MemoryFormat::Contiguous, at::MemoryFormat::ChannelsLast, at::MemoryFormat::ChannelsLast3d}) {
-    const bool rank_ok = f == at::MemoryFormat::Contiguous || (f == at::MemoryFormat::ChannelsLast && a.dim() == 4) ||
-                         (f == at::MemoryFormat::ChannelsLast3d && a.dim() == 5);
-    if (!rank_ok) continue;
-    if (a.is_contiguous(f) && b.is_contiguous(f) && c.is_contiguous(f)) return true;
-  }
-  return false;
-}
 
 void check_group(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                  const std::vector<at::Tensor>& bufs) {
@@ -94,7 +85,7 @@ void check_group(const std::vector<at::Tensor>& params, const std::vector<at::Te
       TORCH_CHECK(t->sizes() == p.sizes(),
                   "lars_step_cpu: param, grad and buffer must share one shape");
     }
-    TORCH_CHECK(same_dense_layout(p, grads[i], bufs[i]),
+    TORCH_CHECK(fastssl::same_dense_layout(p, grads[i], bufs[i]),
                 "lars_step_cpu: param, grad and buffer must be dense with one layout");
   }
 }

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <vector>
 
+#include "dense_layout.h"
 #include "lars_cuda.h"
 
 using fastssl_lars::ChunkMeta;
@@ -19,18 +20,6 @@ using fastssl_lars::kChunk;
 using fastssl_lars::TensorMeta;
 
 namespace {
-
-// Same storage order with no gaps for all three: all contiguous, or all channels-last contiguous
-// (sizes are compared separately). Strides alone would reject equal layouts that differ only on size-1 dims.
-bool same_dense_layout(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
-  for (auto f : {at::MemoryFormat::Contiguous, at::MemoryFormat::ChannelsLast, at::MemoryFormat::ChannelsLast3d}) {
-    const bool rank_ok = f == at::MemoryFormat::Contiguous || (f == at::MemoryFormat::ChannelsLast && a.dim() == 4) ||
-                         (f == at::MemoryFormat::ChannelsLast3d && a.dim() == 5);
-    if (!rank_ok) continue;
-    if (a.is_contiguous(f) && b.is_contiguous(f) && c.is_contiguous(f)) return true;
-  }
-  return false;
-}
 
 size_t align8(size_t n) { return (n + 7) / 8 * 8; }
 
@@ -62,7 +51,7 @@ void lars_step_cuda(const std::vector<at::Tensor>& params, const std::vector<at:
       TORCH_CHECK(t->sizes() == p.sizes(),
                   "lars_step_cuda: param, grad and buffer must share one shape");
     }
-    TORCH_CHECK(same_dense_layout(p, grads[i], bufs[i]),
+    TORCH_CHECK(fastssl::same_dense_layout(p, grads[i], bufs[i]),
                 "lars_step_cuda: param, grad and buffer must be dense with one layout");
     TORCH_CHECK(group_index[i] >= 0 && static_cast<size_t>(group_index[i]) < n_groups, "lars_step_cuda: bad group");
     const int64_t n = p.numel();
