@@ -44,22 +44,21 @@ class ModelConfig:
     small_images: bool = False
 
 
-@dataclass
-class MethodConfig:
-    name: str = "byol"
-    proj_hidden: int = 4096
-    proj_dim: int = 256
-    pred_hidden: int = 4096
-    base_tau: float = 0.996
+# The method section is open: ``name`` picks the class in fastssl.methods.METHODS and every other key is
+# passed to its constructor, so each method declares its own hyper-parameters (checked in validate()).
+def _default_method() -> dict[str, Any]:
+    return {"name": "byol"}
 
 
 @dataclass
 class OptimConfig:
-    name: str = "lars"
+    name: str = "lars"  # lars | sgd | adamw
     base_lr: float = 0.2  # scaled by global_batch / 256
     weight_decay: float = 1.5e-6
-    momentum: float = 0.9
-    eta: float = 0.001
+    final_weight_decay: float | None = None  # set: cosine schedule from weight_decay to this (DINO)
+    momentum: float = 0.9  # lars, sgd
+    eta: float = 0.001  # lars trust coefficient
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
     warmup_epochs: float = 10.0
     final_lr: float = 0.0
     foreach: bool = True
@@ -94,7 +93,7 @@ class EvalConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: dict[str, Any] = field(default_factory=_default_method)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -105,8 +104,7 @@ class Config:
 _CHOICES = {
     "data.backend": ("torch", "dali", "ffcv", "auto"),
     "data.cache": ("ram", "none", "auto"),
-    "method.name": ("byol",),
-    "optim.name": ("lars",),
+    "optim.name": ("lars", "sgd", "adamw"),
     "train.precision": ("bf16", "fp16", "fp32"),
 }
 
@@ -164,7 +162,24 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
             f"train.batch_size={cfg.train.batch_size} is the global batch and must be divisible by the "
             f"world size {world_size}"
         )
-    if not 0.0 <= cfg.method.base_tau <= 1.0:
-        raise ConfigError(f"method.base_tau={cfg.method.base_tau}: must be in [0, 1]")
+    _validate_method(cfg.method)
     if (cfg.data.mean is None) != (cfg.data.std is None):
         raise ConfigError("data.mean and data.std: set both or neither")
+
+
+def _validate_method(method: DictConfig) -> None:
+    """method.name is a registered method and every other key is one of its constructor's arguments."""
+    import inspect
+
+    from fastssl.methods import METHODS, method_class
+
+    name = method.get("name")
+    if name not in METHODS:
+        raise ConfigError(f"method.name={name!r}: choose one of {', '.join(sorted(METHODS))}")
+    params = inspect.signature(method_class(name).__init__).parameters
+    accepted = [k for k in params if k not in ("self", "backbone", "feat_dim")]
+    for key in method:
+        if key != "name" and key not in accepted:
+            raise ConfigError(f"method.{key}: not a parameter of method {name!r}; its keys are {', '.join(accepted)}")
+    if "base_tau" in method and not 0.0 <= method.base_tau <= 1.0:
+        raise ConfigError(f"method.base_tau={method.base_tau}: must be in [0, 1]")

@@ -28,6 +28,10 @@ def test_overrides_apply_with_types():
         ("data.backend=opencv", "data.backend"),
         ("train.precision=fp8", "train.precision"),
         ("train.batch_size=0", "train.batch_size"),
+        ("method.name=moco_v9", "method.name"),
+        ("method.temprature=0.2", "method.temprature"),
+        ("method.base_tau=1.5", "method.base_tau"),
+        ("optim.name=adam", "optim.name"),
     ],
 )
 def test_bad_key_or_value_names_the_key(override, key):
@@ -44,3 +48,18 @@ def test_batch_must_divide_by_world_size():
     cfg = load_config("byol_resnet50_imagenet", ["train.batch_size=10"])
     with pytest.raises(ConfigError, match="world size 4"):
         validate(cfg, world_size=4)
+
+
+def test_method_keys_reach_the_constructor_and_optimizers_build():
+    import torch
+
+    from fastssl.engine.trainer import build_model, build_optimizer
+
+    cfg = load_config("byol_resnet18_fmnist", ["method.proj_dim=24", "optim.name=adamw", "optim.betas=[0.9,0.95]"])
+    method = build_model(cfg)
+    assert method.projector[-1].out_features == 24
+    opt = build_optimizer(cfg.optim, method.param_groups(0.05), lr=1e-3)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.95)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    sgd = build_optimizer(load_config("byol_resnet18_fmnist", ["optim.name=sgd"]).optim, method.param_groups(0.1), 0.1)
+    assert isinstance(sgd, torch.optim.SGD)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -104,8 +105,7 @@ class Trainer:
             if d.world_size > 1 else method
         o = cfg.optim
         self.peak_lr = scaled_lr(o.base_lr, cfg.train.batch_size)
-        self.optimizer = LARS(method.param_groups(o.weight_decay), lr=self.peak_lr, momentum=o.momentum,
-                              eta=o.eta, foreach=o.foreach)
+        self.optimizer = build_optimizer(o, method.param_groups(o.weight_decay), self.peak_lr)
         self.amp_dtype = _AMP_DTYPES[cfg.train.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
         self.steps_per_epoch = len(self.loader)
@@ -124,6 +124,14 @@ class Trainer:
 
     def lr_at(self, step: int) -> float:
         return warmup_cosine(step, self.total_steps, self.warmup_steps, self.peak_lr, self.cfg.optim.final_lr)
+
+    def weight_decay_at(self, step: int) -> float | None:
+        """The weight decay of step ``step`` when optim.final_weight_decay sets a cosine schedule, else None."""
+        o = self.cfg.optim
+        if o.final_weight_decay is None:
+            return None
+        return o.final_weight_decay + (o.weight_decay - o.final_weight_decay) * 0.5 * (
+            1 + math.cos(math.pi * min(step, self.total_steps) / max(self.total_steps, 1)))
 
     # ----------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
@@ -166,13 +174,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- fit
     def _train_step(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        lr = self.lr_at(self.step)
+        lr, wd = self.lr_at(self.step), self.weight_decay_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+            if wd is not None and not group.get("lars_exclude", False):  # excluded groups keep no decay
+                group["weight_decay"] = wd
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             loss, logs = self.model(views)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        self.method.on_before_optimizer_step(self.step)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.method.on_step_end(self.step, self.total_steps)
@@ -195,10 +206,12 @@ class Trainer:
         global_batch = cfg.train.batch_size
         window = {"n": 0, "time": 0.0, "wait": 0.0}
         loss = None
+        self.method.on_train_start(self.steps_per_epoch, self.total_steps)
         try:
             while self.step < self.stop_step:
                 if self.batch_in_epoch == 0:
                     self.loader.set_epoch(self.epoch)
+                self.method.on_epoch_start(self.epoch)
                 t_prev = time.perf_counter()
                 for batch in self.loader:
                     t_data = time.perf_counter()
@@ -294,6 +307,17 @@ class Trainer:
                             num_classes=len(manifest["classes"]))
         distributed.barrier()
         return top1
+
+
+def build_optimizer(o: DictConfig, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    """optim.name -> the optimizer over the method's parameter groups (lars_exclude groups carry no decay)."""
+    if o.name == "lars":
+        return LARS(groups, lr=lr, momentum=o.momentum, eta=o.eta, foreach=o.foreach)
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, foreach=o.foreach)
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), foreach=o.foreach)
+    raise ValueError(f"optim.name={o.name!r}: choose one of lars, sgd, adamw")
 
 
 def _limit(loader, max_images: int):

@@ -11,22 +11,41 @@ from torch import nn
 class SSLMethod(nn.Module, ABC):
     """An SSL method: a backbone plus heads and a loss.
 
-    Override points:
+    Override points (the trainer calls them in this order):
+      * ``on_train_start(steps_per_epoch, total_steps)``: once, before the first step (also after a resume);
+        the default stores both as attributes for schedules measured in epochs.
+      * ``on_epoch_start(epoch)``: before the first step of each epoch, and for the current epoch after a
+        resume mid-epoch (state switched on by epoch, e.g. SwAV's prototype freeze or queue).
       * ``forward(views) -> (loss, logs)``: views are the loader's list of (B, 3, S, S) tensors, globals
         first; ``loss`` is a scalar to minimize, ``logs`` a dict of floats/0-dim tensors to report.
+      * ``on_before_optimizer_step(step)``: after backward, before the optimizer (gradient surgery such as
+        cancelling the prototypes' gradient); gradients may still carry the fp16 loss scale.
       * ``on_step_end(step, total_steps)``: after the optimizer step (EMA / momentum schedules).
       * ``param_groups(weight_decay)``: groups for the optimizer; biases and norm parameters are marked
         ``lars_exclude`` (no trust ratio, no weight decay).
-    State a method keeps between steps (queues, centres) lives in buffers so checkpoints carry it.
+    State a method keeps between steps (queues, centres) lives in buffers so checkpoints carry it; keep it
+    global (the same on every rank, not a per-rank shard) so a run resumes on a different number of GPUs.
     """
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
+        self.steps_per_epoch = 1
+        self.total_steps = 1
 
     @abstractmethod
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
         """views -> (scalar loss, logs)."""
+
+    def on_train_start(self, steps_per_epoch: int, total_steps: int) -> None:
+        """Called once before training (and after a resume) with the run's length."""
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before each epoch's first step (and for the current epoch after a resume); default: nothing."""
+
+    def on_before_optimizer_step(self, step: int) -> None:
+        """Called between backward and the optimizer step; the default does nothing."""
 
     def on_step_end(self, step: int, total_steps: int) -> None:
         """Called after each optimizer step; the default does nothing."""
