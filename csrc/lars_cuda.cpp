@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -22,6 +23,8 @@ using fastssl_lars::TensorMeta;
 namespace {
 
 size_t align8(size_t n) { return (n + 7) / 8 * 8; }
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 }  // namespace
 
@@ -58,7 +61,7 @@ void lars_step_cuda(const std::vector<at::Tensor>& params, const std::vector<at:
     const int64_t chunks = (n + kChunk - 1) / kChunk;
     tmeta[i] = {p.data_ptr<float>(), grads[i].data_ptr<float>(), bufs[i].data_ptr<float>(), n,
                 static_cast<int32_t>(group_index[i]), static_cast<int32_t>(cmeta.size()),
-                static_cast<int32_t>(chunks), 0};
+                static_cast<int32_t>(chunks), aligned16(p) && aligned16(grads[i]) && aligned16(bufs[i]) ? 1 : 0};
     for (int64_t k = 0; k < chunks; ++k) cmeta.push_back({static_cast<int32_t>(i), static_cast<int32_t>(k)});
   }
   std::vector<GroupMeta> gmeta(n_groups);

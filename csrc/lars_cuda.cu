@@ -54,8 +54,21 @@ __device__ void norm_chunk(const TensorMeta* tensors, const GroupMeta* groups, c
   const int64_t begin = static_cast<int64_t>(ch.index) * kChunk;
   const int64_t end = min(t.numel, begin + kChunk);
   float sw = 0.f, sg = 0.f;
-#pragma unroll 4
-  for (int64_t i = begin + threadIdx.x; i < end; i += kBlock) {
+  int64_t tail = begin;
+  if (t.vec4) {  // 16-byte loads: begin is a multiple of kChunk (so of 4) and the base pointers are aligned
+    const int64_t end4 = begin + (end - begin) / 4 * 4;
+    const auto* w4 = reinterpret_cast<const float4*>(t.w);
+    const auto* g4 = reinterpret_cast<const float4*>(t.g);
+#pragma unroll 2
+    for (int64_t i = begin / 4 + threadIdx.x; i < end4 / 4; i += kBlock) {
+      const float4 w = w4[i];
+      const float4 g = __ldg(g4 + i);
+      sw += w.x * w.x + w.y * w.y + w.z * w.z + w.w * w.w;
+      sg += g.x * g.x + g.y * g.y + g.z * g.z + g.w * g.w;
+    }
+    tail = end4;
+  }
+  for (int64_t i = tail + threadIdx.x; i < end; i += kBlock) {
     const float w = t.w[i];
     const float g = t.g[i];
     sw += w * w;
@@ -63,6 +76,16 @@ __device__ void norm_chunk(const TensorMeta* tensors, const GroupMeta* groups, c
   }
   const float2 s = block_sum(sw, sg, shared);
   if (threadIdx.x == 0) partials[c] = s;
+}
+
+// One element: momentum buffer updated in place, the new weight returned. Rounded like torch's ops in the
+// reference loop: add(a, b, alpha) is fma(b, alpha, a); mul then add.
+__device__ __forceinline__ float lars_update(float w, float g, float* buf, float trust, float wd, float m,
+                                             float neg_lr, bool nesterov, bool exclude) {
+  const float d = exclude ? g : __fmul_rn(__fmaf_rn(w, wd, g), trust);
+  const float b = __fadd_rn(__fmul_rn(*buf, m), d);
+  *buf = b;
+  return __fmaf_rn(nesterov ? __fmaf_rn(b, m, d) : b, neg_lr, w);
 }
 
 __device__ void update_chunk(const TensorMeta* tensors, const GroupMeta* groups, const ChunkMeta* chunks, int c,
@@ -98,15 +121,30 @@ __device__ void update_chunk(const TensorMeta* tensors, const GroupMeta* groups,
   const float neg_lr = -gm.lr;
   const int64_t begin = static_cast<int64_t>(ch.index) * kChunk;
   const int64_t end = min(t.numel, begin + kChunk);
-#pragma unroll 4
-  for (int64_t i = begin + threadIdx.x; i < end; i += kBlock) {
-    const float w = t.w[i];
-    const float g = t.g[i];
-    // Rounded like torch's ops in the reference loop: add(a, b, alpha) is fma(b, alpha, a); mul then add.
-    const float d = gm.exclude ? g : __fmul_rn(__fmaf_rn(w, wd, g), trust);
-    const float b = __fadd_rn(__fmul_rn(t.buf[i], m), d);
-    t.buf[i] = b;
-    t.w[i] = __fmaf_rn(gm.nesterov ? __fmaf_rn(b, m, d) : b, neg_lr, w);
+  const bool nesterov = gm.nesterov != 0;
+  const bool exclude = gm.exclude != 0;
+  int64_t tail = begin;
+  if (t.vec4) {
+    const int64_t end4 = begin + (end - begin) / 4 * 4;
+    auto* w4 = reinterpret_cast<float4*>(t.w);
+    const auto* g4 = reinterpret_cast<const float4*>(t.g);
+    auto* b4 = reinterpret_cast<float4*>(t.buf);
+#pragma unroll 2
+    for (int64_t i = begin / 4 + threadIdx.x; i < end4 / 4; i += kBlock) {
+      float4 w = w4[i];
+      const float4 g = __ldg(g4 + i);
+      float4 b = b4[i];
+      w.x = lars_update(w.x, g.x, &b.x, trust, wd, m, neg_lr, nesterov, exclude);
+      w.y = lars_update(w.y, g.y, &b.y, trust, wd, m, neg_lr, nesterov, exclude);
+      w.z = lars_update(w.z, g.z, &b.z, trust, wd, m, neg_lr, nesterov, exclude);
+      w.w = lars_update(w.w, g.w, &b.w, trust, wd, m, neg_lr, nesterov, exclude);
+      b4[i] = b;
+      w4[i] = w;
+    }
+    tail = end4;
+  }
+  for (int64_t i = tail + threadIdx.x; i < end; i += kBlock) {
+    t.w[i] = lars_update(t.w[i], t.g[i], t.buf + i, trust, wd, m, neg_lr, nesterov, exclude);
   }
 }
 

@@ -18,7 +18,7 @@ struct TensorMeta {
   int32_t group;
   int32_t first_chunk;
   int32_t n_chunks;
-  int32_t pad;
+  int32_t vec4;  // w, g and buf are 16-byte aligned: the kernel moves float4s
 };
 
 struct GroupMeta {

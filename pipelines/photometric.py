@@ -24,6 +24,9 @@ which images need the costly ops (hue, blur) never waits for the device.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -192,12 +195,20 @@ def apply_photometric(
         params = sample_photometric_params(view, batch, generator)
     # Work in plain NCHW: per-channel planes are then contiguous, which the colour ops and the subset
     # gathers need to run at memory speed; the normalization writes channels-last at the end.
-    if x.dtype == torch.uint8:
+    if colour and use_fused(x):  # the fused kernel reads x as it is (uint8 or float, any strides)
+        pass
+    elif x.dtype == torch.uint8:
         x = x.to(torch.float32, memory_format=torch.contiguous_format).mul_(1.0 / 255.0)
     elif not (inplace and x.dtype == torch.float32 and x.is_contiguous()):
         x = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
 
     jitter = params["jitter"].bool()
+    std_t = torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    scale = (1.0 / std_t).to(device, non_blocking=True)
+    bias = (-torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std_t).to(device, non_blocking=True)
+    if colour and use_fused(x):
+        out = _apply_fused(x, params, scale, bias)
+        return (out, params) if return_params else out
     # Effective factors: identity where jitter does not fire, so b/c/s run on the whole batch
     # without masking (a factor of 1 is an exact no-op) and hue runs on its subset only.
     ident = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
@@ -236,9 +247,60 @@ def apply_photometric(
 
     # Normalize as x * (1 / std) - mean / std in one pass that writes channels-last; a gray (B, 1)
     # batch broadcasts to 3 channels here.
-    std_t = torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    scale = (1.0 / std_t).to(device, non_blocking=True)
-    bias = (-torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std_t).to(device, non_blocking=True)
     out = torch.empty((batch, 3, *x.shape[2:]), device=device, memory_format=torch.channels_last)
     x = torch.addcmul(bias, x, scale, out=out)
     return (x, params) if return_params else x
+
+
+_FUSED_MODES = ("auto", "torch", "triton")
+
+
+def use_fused(x: torch.Tensor) -> bool:
+    """Whether ``apply_photometric`` runs the fused Triton chain on ``x``.
+
+    ``FASTSSL_PHOTOMETRIC`` = auto (default: CUDA tensors, when Triton is installed) | torch (never) |
+    triton (always; CPU tensors need TRITON_INTERPRET=1 set before the kernel module is first imported).
+    """
+    mode = os.environ.get("FASTSSL_PHOTOMETRIC", "auto").strip().lower() or "auto"
+    if mode not in _FUSED_MODES:
+        raise ValueError(f"FASTSSL_PHOTOMETRIC must be one of {', '.join(_FUSED_MODES)}, got {mode!r}")
+    if mode == "torch":
+        return False
+    if mode == "auto":
+        return x.is_cuda and _have_triton()
+    if not _have_triton():
+        raise RuntimeError("FASTSSL_PHOTOMETRIC=triton but triton is not installed")
+    return True
+
+
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _apply_fused(x: torch.Tensor, params: Params, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The fused chain (pipelines.photometric_triton), then blur + solarize + normalize for the images that blur."""
+    from pipelines import photometric_triton
+
+    if not x.is_cuda and not photometric_triton.INTERPRETED:
+        raise RuntimeError("pipelines.photometric_triton was imported before TRITON_INTERPRET=1 was set, so its "
+                           "kernel is compiled for CUDA and cannot take CPU tensors")
+    batch, device = x.shape[0], x.device
+    jitter = params["jitter"].bool()
+    ident = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
+    factors = torch.stack([torch.where(jitter, params[k].float(), torch.tensor(ident[k])) for k in JITTER_OPS], 1)
+    blur, solarize = params["blur"].bool(), params["solarize"].bool()
+    flags = params["gray"].bool().int() + 2 * blur.int() + 4 * solarize.int()
+    packed = torch.cat([factors.reshape(-1), flags.float()]).to(device, non_blocking=True)
+    out = photometric_triton.fused_chain(
+        x, list(params["order"]), packed[: 4 * batch].view(batch, 4), packed[4 * batch:].to(torch.int32),
+        scale.reshape(3), bias.reshape(3), has_hue=bool((factors[:, 3] != 0).any()))
+    if blur.any():
+        kernel = blur_kernel_size(x.shape[-1])
+        sigma = params["sigma"].float().to(device, non_blocking=True)
+        idx_cpu = blur.nonzero().squeeze(1)
+        idx = idx_cpu.to(device, non_blocking=True)
+        sub = _gaussian_blur(out.index_select(0, idx).contiguous(), sigma[idx], kernel)
+        sub = _on_subset(sub, solarize[idx_cpu], lambda xs, i: torch.where(xs >= 0.5, 1.0 - xs, xs))
+        sub = torch.addcmul(bias, sub, scale)
+        out.index_copy_(0, idx, sub.contiguous(memory_format=torch.channels_last))
+    return out

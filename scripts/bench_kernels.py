@@ -40,6 +40,7 @@ class Case:
     twin: Callable
     fused: Callable
     backward: bool = True
+    bytes: int = 0  # > 0: the bytes one call must move at least (reported as GB/s and % of peak bandwidth)
 
 
 def _randn(*shape, device, dtype, grad=True):
@@ -52,7 +53,17 @@ def _cases(gpu: bool) -> list[Case]:
     n_byol, n_v3, (n_v2, k_v2, d_v2), n_simclr, (b_swav, k_swav) = (
         (4096, 4096, (4096, 65536, 256), 4096, (4096, 3000)) if gpu
         else (1024, 512, (128, 16384, 128), 512, (256, 3000)))
-    return [
+    big = 262144  # normalized_mse at a size where HBM, not launch latency, bounds it: 128 MiB per input in bf16
+    bandwidth = [
+        # BYOL's case: p (predictor output) needs a gradient, z (target projection) does not. Forward reads p, z;
+        # backward reads p, z and writes dp: 5 x N x D elements.
+        Case("normalized_mse (bandwidth)", f"N={big} D=256, dz not needed",
+             lambda dev, dt: ((_randn(big, 256, device=dev, dtype=dt),), (_randn(big, 256, device=dev, dtype=dt,
+                                                                                 grad=False),)),
+             lambda p, z: reference.normalized_mse(p, z).mean(), lambda p, z: kernels.normalized_mse(p, z).mean(),
+             bytes=5 * big * 256 * 2),
+    ] if gpu else []
+    return bandwidth + [
         Case("normalized_mse", f"N={n_byol} D=256",
              lambda dev, dt: ((_randn(n_byol, 256, device=dev, dtype=dt), _randn(n_byol, 256, device=dev, dtype=dt)),
                               ()),
@@ -159,9 +170,16 @@ def main(argv: list[str] | None = None) -> dict:
                        median_ms=round(_time(fn, grads, extra, case.backward, device, reps), 4),
                        peak_mib=round(_peak_mib(fn, grads, extra, case.backward, device), 2),
                        first_call_s=round(first_s, 2), backward=case.backward)
+            eager_ms = next((r["median_ms"] for r in results if r["op"] == case.op and r["impl"] == "eager"), None)
+            row["x_vs_eager"] = round(eager_ms / row["median_ms"], 2) if eager_ms else None
+            if case.bytes:
+                row["gb_s"] = round(case.bytes / (row["median_ms"] / 1e3) / 1e9, 1)
+                peak = _peak_bandwidth_gbs(device)
+                row["pct_peak_bandwidth"] = round(100 * row["gb_s"] / peak, 1) if peak else None
             results.append(row)
+            extra_txt = f"  {row['gb_s']:.0f} GB/s ({row['pct_peak_bandwidth']}% of peak)" if case.bytes else ""
             print(f"{row['op']:<26} {row['size']:<26} {impl:<8} {row['median_ms']:>10.3f} ms "
-                  f"{row['peak_mib']:>10.2f} MiB", flush=True)
+                  f"{row['peak_mib']:>10.2f} MiB  x{row['x_vs_eager']}{extra_txt}", flush=True)
         os.environ.pop("FASTSSL_KERNELS", None)
     name = torch.cuda.get_device_name() if gpu else _cpu_name()
     command = " ".join(["python", "scripts/bench_kernels.py", *(argv if argv is not None else sys.argv[1:])])
@@ -198,10 +216,22 @@ def _triton_version() -> str | None:
         return None
 
 
+def _peak_bandwidth_gbs(device: torch.device) -> float | None:
+    """Theoretical DRAM bandwidth of a CUDA device (2 transfers per clock x bus width), or None."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", None), getattr(props, "memory_bus_width", None)
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9 if clock_khz and bus_bits else None
+
+
 def _table(results: list[dict]) -> str:
-    lines = ["| op | size | impl | median ms | peak MiB |", "|---|---|---|---:|---:|"]
+    lines = ["| op | size | impl | median ms | x vs eager | peak MiB | GB/s (% peak) |",
+             "|---|---|---|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['op']} | {r['size']} | {r['impl']} | {r['median_ms']:.3f} | {r['peak_mib']:.1f} |")
+        bw = f"{r['gb_s']:.0f} ({r['pct_peak_bandwidth']}%)" if r.get("gb_s") else ""
+        lines.append(f"| {r['op']} | {r['size']} | {r['impl']} | {r['median_ms']:.3f} | {r['x_vs_eager'] or ''} | "
+                     f"{r['peak_mib']:.1f} | {bw} |")
     return "\n".join(lines)
 
 

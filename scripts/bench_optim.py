@@ -101,6 +101,29 @@ def time_round_robin(fns: dict, device: torch.device, warmup: int, repeats: int)
     return times
 
 
+def kernel_and_host_s(fn, device: torch.device, steps: int = 10) -> tuple[float | None, float]:
+    """Per call: the GPU time of the kernels it launches (profiler, summed; None on CPU) and the host time
+    of the call itself (launches queued, no sync): a step costs max of the two once the GPU runs behind."""
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    host = (time.perf_counter() - t0) / steps
+    _sync(device)
+    if device.type != "cuda":
+        return None, host
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        _sync(device)
+    total_us = 0.0
+    for evt in prof.key_averages():
+        total_us += getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0.0)
+    return total_us / 1e6 / steps, host
+
+
 def peak_bandwidth_gbs(device: torch.device) -> float | None:
     """Theoretical DRAM bandwidth of a CUDA device (2 transfers per clock x bus width), or None."""
     if device.type != "cuda":
@@ -180,7 +203,9 @@ def main(argv: list[str] | None = None) -> dict:
     times = time_round_robin({impl: opt.step for impl, opt in optimizers.items()}, device, args.warmup, args.repeats)
     for impl, ts in times.items():
         sa, se = STREAMS[impl]
+        kernel_s, host_s = kernel_and_host_s(optimizers[impl].step, device)
         results["lars"][impl] = {"median_s": statistics.median(ts), "min_s": min(ts), "times_s": ts,
+                                 "kernel_s": kernel_s, "host_s": host_s,
                                  "bytes": 4 * (sa * n_adapted + se * n_excluded)}
     del optimizers
 
@@ -189,22 +214,35 @@ def main(argv: list[str] | None = None) -> dict:
            "ema_foreach": lambda: ema_update_(target, model, 0.996)}
     times = time_round_robin(ema, device, args.warmup, args.repeats)
     for name, ts in times.items():
+        kernel_s, host_s = kernel_and_host_s(ema[name], device)
         results["ema"][name] = {"median_s": statistics.median(ts), "min_s": min(ts), "times_s": ts,
+                                "kernel_s": kernel_s, "host_s": host_s,
                                 "bytes": 4 * (STREAMS[name] * (n_adapted + n_excluded) + 2 * n_buffers)}
     results["load_after"] = os.getloadavg()
 
+    gpu = device.type == "cuda"
     for section, base in (("lars", "item_loop"), ("ema", "ema_loop")):
         ref = results[section].get(base)
-        print(f"\n{section.upper():<12}{'median ms':>11}{'min ms':>9}{'MB moved':>10}{'GB/s':>7}"
-              f"{'x vs ' + base:>16}{'% peak BW' if peak else '':>11}")
+        head = f"\n{section.upper():<12}{'median ms':>11}{'min ms':>9}{'host ms':>9}{'MB moved':>10}{'GB/s':>9}"
+        head += f"{'x vs ' + base:>16}"
+        if gpu:
+            head += f"{'kernel ms':>11}{'kernel GB/s':>13}"
+        if peak:
+            head += f"{'% peak (step)':>15}{'% peak (kernel)':>17}"
+        print(head)
         for name, r in results[section].items():
             r["gb_per_s"] = r["bytes"] / r["median_s"] / 1e9
             r["speedup_vs_" + base] = ref["median_s"] / r["median_s"] if ref else None
+            line = (f"{name:<12}{1e3 * r['median_s']:>11.2f}{1e3 * r['min_s']:>9.2f}{1e3 * r['host_s']:>9.2f}"
+                    f"{r['bytes'] / 1e6:>10.0f}{r['gb_per_s']:>9.1f}{r['speedup_vs_' + base] or float('nan'):>16.2f}")
+            if gpu:
+                r["kernel_gb_per_s"] = r["bytes"] / r["kernel_s"] / 1e9 if r["kernel_s"] else None
+                line += f"{1e3 * (r['kernel_s'] or float('nan')):>11.3f}{r['kernel_gb_per_s'] or float('nan'):>13.1f}"
             if peak:
                 r["pct_peak_bandwidth"] = 100 * r["gb_per_s"] / peak
-            print(f"{name:<12}{1e3 * r['median_s']:>11.1f}{1e3 * r['min_s']:>9.1f}{r['bytes'] / 1e6:>10.0f}"
-                  f"{r['gb_per_s']:>7.2f}{r['speedup_vs_' + base] or float('nan'):>16.2f}"
-                  f"{r.get('pct_peak_bandwidth', float('nan')) if peak else '':>11}")
+                r["pct_peak_bandwidth_kernel"] = 100 * (r["kernel_gb_per_s"] or 0.0) / peak
+                line += f"{r['pct_peak_bandwidth']:>15.1f}{r['pct_peak_bandwidth_kernel']:>17.1f}"
+            print(line)
     print(f"\nload average before {results['load_before']}, after {results['load_after']}; build/load {build_s}")
 
     if args.profile:

@@ -128,15 +128,35 @@ def test_nt_xent_matches_twin(n, d, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("b,k", [(37, 130), (5, 7)])
-def test_sinkhorn_matches_twin(b, k, dtype):
+@pytest.mark.parametrize("b,k,path", [(37, 130, "on_chip"), (5, 7, "on_chip"), (37, 130, "streaming"),
+                                      (300, 70, "auto"), (5, 7, "streaming")])
+def test_sinkhorn_matches_twin(b, k, path, dtype):
+    from fastssl.kernels import sinkhorn_triton
+
     g = torch.Generator().manual_seed(b)
     scores = torch.nn.functional.normalize(torch.randn(b, k, generator=g), dim=1).to(DEVICE, dtype)
-    q = kernels.sinkhorn(scores, eps=0.05, n_iters=3)
+    q = sinkhorn_triton.sinkhorn(scores, eps=0.05, n_iters=3, path=path)
     ref = reference.sinkhorn(scores, eps=0.05, n_iters=3)
     assert q.dtype == torch.float32
     torch.testing.assert_close(q, ref, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(q.sum(dim=1), torch.ones(b, device=DEVICE))
+
+
+@pytest.mark.parametrize("n_iters", [0, 1])
+def test_sinkhorn_few_iterations_match_twin(n_iters):
+    from fastssl.kernels import sinkhorn_triton
+
+    scores = torch.randn(9, 33, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    for path in ("on_chip", "streaming"):
+        torch.testing.assert_close(sinkhorn_triton.sinkhorn(scores, 0.5, n_iters, path=path),
+                                   reference.sinkhorn(scores, 0.5, n_iters), rtol=1e-5, atol=1e-6)
+
+
+def test_sinkhorn_on_chip_refuses_big_tiles():
+    from fastssl.kernels import sinkhorn_triton
+
+    with pytest.raises(ValueError, match="on-chip"):
+        sinkhorn_triton.sinkhorn(torch.randn(300, 70, device=DEVICE), path="on_chip")
 
 
 def test_sinkhorn_fp16_large_scores_stay_finite():

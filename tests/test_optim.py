@@ -274,3 +274,19 @@ def test_lars_auto_on_cuda_is_one_launch_for_all_groups(monkeypatch):
         p.grad = torch.randn_like(p)
     LARS(_groups(model, 1e-4), lr=0.1).step()
     assert calls == [2]  # both groups (adapted, excluded) in one call of the kernel
+
+
+def test_ema_lists_are_cached_per_pair_and_follow_the_online_model():
+    torch.manual_seed(0)
+    target, a, b = (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)) for _ in range(3))
+    ema_update_(target, a, 0.0)  # tau 0: target becomes a copy of a
+    assert torch.equal(target[0].weight, a[0].weight)
+    ema_update_(target, b, 0.0)  # another online model: the cached lists must not be reused
+    assert torch.equal(target[0].weight, b[0].weight)
+    b[1].num_batches_tracked.fill_(7)
+    with torch.no_grad():
+        b[0].weight.add_(1.0)  # in-place changes of the same Parameter are seen through the cache
+    ema_update_(target, b, 0.5)
+    assert torch.equal(target[0].weight, b[0].weight - 0.5) and int(target[1].num_batches_tracked) == 7
+    with pytest.raises(ValueError, match="parameters"):
+        ema_update_(nn.Linear(3, 4), nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 4)), 0.9)

@@ -127,12 +127,12 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather: bool
 def sinkhorn(scores: torch.Tensor, eps: float = 0.05, n_iters: int = 3) -> torch.Tensor:
     """SwAV's Sinkhorn-Knopp, log domain: scores (B, K) any float dtype -> Q (B, K) fp32, rows summing to 1.
 
-    The fused kernel runs the whole iteration loop in one launch; under a multi-rank process group the
-    per-prototype sums must be all-reduced between iterations, so that case runs the twin.
+    The fused path runs the whole iteration loop in one launch when the tile fits on chip (one rank), else
+    a column/row kernel pair per iteration, with the per-prototype sums all-reduced across ranks between them.
     """
     if scores.dim() != 2:
         raise ValueError(f"sinkhorn expects (B, K) scores, got {tuple(scores.shape)}")
-    if use_triton(scores) and rank_and_world_size()[1] == 1:
+    if use_triton(scores):
         return _kernel("sinkhorn_triton", scores).sinkhorn(scores, eps, n_iters)
     return reference.sinkhorn(scores, eps, n_iters)
 

@@ -64,24 +64,45 @@ class LARS(Optimizer):
             impl = "loop"
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, nesterov=nesterov,
                         lars_exclude=False)
+        self._bufs_cache: dict[int, list] = {}
         super().__init__(params, defaults)
         self.impl = impl
         self.foreach = impl != "loop"
 
     def _gather(self, group: dict) -> tuple[list, list, list]:
-        params, grads, bufs = [], [], []
-        for p in group["params"]:
-            if p.grad is None:
+        params = group["params"]
+        grads = [p.grad for p in params]
+        # Fast path, every step of a normal run: every parameter has a dense gradient and its buffer exists.
+        # The buffer list is cached per group (invalidated when state is loaded or groups change), so a step
+        # does no per-parameter dict lookups on the host.
+        key = id(group)
+        cached = self._bufs_cache.get(key)
+        if cached is not None and len(cached) == len(params) and all(g is not None and not g.is_sparse for g in grads):
+            return params, grads, cached
+        params_out, grads_out, bufs = [], [], []
+        for p, g in zip(params, grads, strict=True):
+            if g is None:
                 continue
-            if p.grad.is_sparse:
+            if g.is_sparse:
                 raise RuntimeError("LARS does not support sparse gradients")
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
+            params_out.append(p)
+            grads_out.append(g)
             bufs.append(state["momentum_buffer"])
-        return params, grads, bufs
+        if len(params_out) == len(params):
+            self._bufs_cache[key] = bufs
+        return params_out, grads_out, bufs
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._bufs_cache.clear()
+        super().load_state_dict(state_dict)
+
+    def add_param_group(self, param_group: dict) -> None:
+        if hasattr(self, "_bufs_cache"):
+            self._bufs_cache.clear()
+        super().add_param_group(param_group)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -103,7 +124,19 @@ class LARS(Optimizer):
                  weight_decay=group["weight_decay"], eta=group["eta"], nesterov=group["nesterov"],
                  exclude=group["lars_exclude"])
         if cuda_batch:
-            _step_cuda(cuda_batch)
+            try:
+                _step_cuda(cuda_batch)
+            except RuntimeError as exc:  # the kernel's input checks run before anything is written
+                if self.impl != "auto" or "lars_step_cuda:" not in str(exc):
+                    raise
+                if "cuda-inputs" not in _warned:
+                    _warned.add("cuda-inputs")
+                    warnings.warn(f"LARS: the CUDA kernel refused these tensors ({exc}); using the foreach path",
+                                  RuntimeWarning, stacklevel=2)
+                for group, params, grads, bufs in cuda_batch:
+                    _step_foreach(params, grads, bufs, lr=group["lr"], momentum=group["momentum"],
+                                  weight_decay=group["weight_decay"], eta=group["eta"], nesterov=group["nesterov"],
+                                  exclude=group["lars_exclude"])
         return loss
 
 
@@ -147,6 +180,8 @@ def _resolve(impl: str, params: list, grads: list, bufs: list) -> str:
     device_type = params[0].device.type
     if impl == "auto":
         impl = "cuda" if device_type == "cuda" else "fused_cpu" if device_type == "cpu" else "foreach"
+        if impl == "cuda":  # the kernel checks its inputs itself; step() falls back to foreach if it refuses
+            return impl if _kernel_available(impl) else "foreach"
         if impl == "foreach" or not _fused_eligible(params, grads, bufs, device_type):
             return "foreach"
         return impl if _kernel_available(impl) else "foreach"
