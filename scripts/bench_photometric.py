@@ -1,0 +1,105 @@
+"""Benchmark the shared photometric stage alone: the torch path vs the fused Triton chain, per recipe.
+
+Input: uint8 crops already on the device (what every backend hands the stage), one batch per view of the
+recipe (byol: 2 x 224; swav: 2 x 224 + 6 x 96). Output: normalized float32 channels-last views. Reports
+images/s (an image = all its views), median of repeats after warm-up, CUDA events on a GPU, and the
+ratio fused / torch from the same run.
+
+    python scripts/bench_photometric.py --recipe swav --batch 256 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines.photometric import apply_photometric  # noqa: E402
+from pipelines.spec import MultiCropSpec  # noqa: E402
+
+
+def _time_ms(fn, device: torch.device, reps: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return times
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", default="swav", choices=["byol", "swav", "simclr", "dino"])
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    gpu = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
+    device = torch.device("cuda" if gpu else "cpu")
+    spec = MultiCropSpec.preset(args.recipe)
+    g = torch.Generator().manual_seed(0)
+    crops = [torch.randint(0, 256, (args.batch, 3, v.size, v.size), dtype=torch.uint8, generator=g).to(device)
+             for v in spec.views]
+
+    def run(mode: str):
+        def fn():
+            os.environ["FASTSSL_PHOTOMETRIC"] = mode
+            gen = torch.Generator().manual_seed(1)
+            for x, view in zip(crops, spec.views, strict=True):
+                apply_photometric(x, view, spec.mean, spec.std, gen)
+        return fn
+
+    modes = ["torch", "triton"] if gpu else ["torch"]
+    results = []
+    for mode in modes:
+        ts = _time_ms(run(mode), device, args.reps, args.warmup)
+        med = statistics.median(ts)
+        results.append({"path": mode, "median_ms": med, "img_s": args.batch / (med / 1e3), "times_ms": ts})
+    os.environ.pop("FASTSSL_PHOTOMETRIC", None)
+    base = results[0]["img_s"]
+    views = " + ".join(f"{n} x {s}" for s, n in _count_sizes(spec))
+    print(f"photometric stage, recipe {args.recipe} ({views}), batch {args.batch}, device "
+          f"{torch.cuda.get_device_name() if gpu else 'cpu'}")
+    for r in results:
+        r["x_vs_torch"] = r["img_s"] / base
+        print(f"  {r['path']:<7} {r['median_ms']:9.2f} ms/batch {r['img_s']:10.0f} img/s  x{r['x_vs_torch']:.2f}")
+    report = {"date": datetime.date.today().isoformat(), "recipe": args.recipe, "batch": args.batch,
+              "device": torch.cuda.get_device_name() if gpu else "cpu", "torch": torch.__version__,
+              "cpu_count": os.cpu_count(), "load_avg": os.getloadavg(), "results": results,
+              "command": " ".join(["python", "scripts/bench_photometric.py", *(argv or sys.argv[1:])])}
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _count_sizes(spec: MultiCropSpec) -> list[tuple[int, int]]:
+    sizes: dict[int, int] = {}
+    for v in spec.views:
+        sizes[v.size] = sizes.get(v.size, 0) + 1
+    return list(sizes.items())
+
+
+if __name__ == "__main__":
+    main()
