@@ -2,6 +2,7 @@
 
     fastssl-convert SRC DST [--max-side 512] [--quality 95] [--shard-size 10000] [--workers N]
                             [--seed 0] [--limit N | --limit train=N,val=M] [--overwrite] [--no-progress]
+                            [--formats wds,ffcv [--ffcv-max-side 512] [--ffcv-quality 90]]
 
 SRC is an ImageFolder tree (one folder per class; optional ``train/`` and ``val/`` sub-splits) or the
 name ``fashion-mnist``. Every sample becomes a JPEG: a JPEG that already fits ``--max-side`` is stored
@@ -11,6 +12,13 @@ summary and in ``manifest.json``; they never stop the run.
 
 The output is a pure function of the input and the settings (same bytes on every run, whatever
 ``--workers``), so a converted dataset can be checked by its manifest's sha256 sums.
+
+``--formats wds,ffcv`` also writes each split as one FFCV file, ``<split>.beton`` (for
+``data.backend=ffcv``), from the shards just written: same samples in the same order, re-encoded as
+JPEG with the longer side at most ``--ffcv-max-side`` at ``--ffcv-quality``. Each is written to a
+hidden temp name and renamed when complete. FFCV's writer places images on pages in the order its
+worker processes finish them, so with ``--workers`` > 1 a .beton's bytes (not its images) can differ
+between runs; the manifest records each file's size and sha256.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from pipelines.formats import (
     MANIFEST,
     SPLITS,
     ShardWriter,
+    beton_name,
     write_manifest,
 )
 
@@ -50,6 +59,11 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})  # comp
 DEFAULT_MAX_SIDE = 512
 DEFAULT_QUALITY = 95
 DEFAULT_SHARD_SIZE = 10_000  # Fashion-MNIST: 6 train shards + 1 val shard, enough to spread over ranks
+FORMATS = ("wds", "ffcv")  # wds: the shards every backend's manifest points at; ffcv: plus <split>.beton
+DEFAULT_FFCV_MAX_SIDE = 512
+DEFAULT_FFCV_QUALITY = 90
+FFCV_MAX_SIDE_LIMIT = 65535  # FFCV stores image sides as uint16
+FFCV_INSTALL = "pip install -e '.[ffcv]' (with the apt packages pkg-config libturbojpeg0-dev libopencv-dev)"
 
 FASHION_MNIST = "fashion-mnist"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
@@ -61,8 +75,8 @@ _FASHION_MNIST_FILES = {"train": "train", "val": "t10k"}  # our split -> file pr
 
 # Files this tool writes into DST; anything else there is left alone.
 _SPLIT_ALTERNATIVES = "|".join(SPLITS)
-_OUTPUT_FILE = re.compile(rf"(?:{_SPLIT_ALTERNATIVES})-\d{{5}}\.(?:tar|idx)")
-_OUTPUT_TEMP = re.compile(rf"\.(?:{_SPLIT_ALTERNATIVES})-\d{{5}}\.(?:tar|idx)\..*tmp")
+_OUTPUT_FILE = re.compile(rf"(?:{_SPLIT_ALTERNATIVES})(?:-\d{{5}}\.(?:tar|idx)|\.beton)")
+_OUTPUT_TEMP = re.compile(rf"\.(?:{_SPLIT_ALTERNATIVES})(?:-\d{{5}}\.(?:tar|idx)|\.beton)\..*tmp")
 
 # EXIF orientation -> the transpose that makes the pixels upright (tag 0x0112).
 _EXIF_ORIENTATION = 0x0112
@@ -515,6 +529,28 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
+    names = formats.split(",") if isinstance(formats, str) else list(formats)
+    names = [n.strip().lower() for n in names if n.strip()]
+    for n in names:
+        if n not in FORMATS:
+            raise ConvertError(f"--formats: unknown format {n!r} (formats: {', '.join(FORMATS)})")
+    if "wds" not in names:
+        raise ConvertError(
+            f"--formats must include wds (the shards and manifest every backend reads), got {','.join(names) or '()'}"
+        )
+    return tuple(f for f in FORMATS if f in names)
+
+
+def _import_ffcv_writer():
+    """``pipelines.ffcv_loader.write_betons``, or a ConvertError saying how to install FFCV."""
+    try:
+        from pipelines.ffcv_loader import write_betons
+    except (ImportError, OSError) as e:  # OSError: ffcv's C library without libturbojpeg / OpenCV
+        raise ConvertError(f"--formats ffcv needs FFCV ({type(e).__name__}: {e}); {FFCV_INSTALL}") from e
+    return write_betons
+
+
 def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
@@ -531,12 +567,17 @@ def convert(
     seed: int = 0,
     limit: int | dict[str, int] | None = None,
     progress: bool = True,
+    formats: str | Sequence[str] = ("wds",),
+    ffcv_max_side: int = DEFAULT_FFCV_MAX_SIDE,
+    ffcv_quality: int = DEFAULT_FFCV_QUALITY,
 ) -> dict:
     """Convert ``src`` (ImageFolder path or ``"fashion-mnist"``) into shards + ``manifest.json`` in ``dst``.
 
     ``limit`` caps the samples per split (an int for every split, or ``{"train": 500, "val": 200}``),
     taken after class mixing so a subset still holds every class. ``workers`` <= 1 encodes in this
-    process. Returns the manifest as written. Raises ConvertError for user errors (nothing is
+    process. ``formats`` ("wds" or "wds,ffcv"): with ffcv also ``<split>.beton`` per split (see the
+    module docstring), its images' longer side at most ``ffcv_max_side``, JPEG quality ``ffcv_quality``.
+    Returns the manifest as written. Raises ConvertError for user errors (nothing is
     written to ``dst`` in that case, except on a failure after conversion started).
     """
     if max_side < 1:
@@ -545,6 +586,12 @@ def convert(
         raise ConvertError(f"--quality must be in 1..100, got {quality}")
     if shard_size < 1:
         raise ConvertError(f"--shard-size must be >= 1, got {shard_size}")
+    formats = _parse_formats(formats)
+    if not 1 <= ffcv_max_side <= FFCV_MAX_SIDE_LIMIT:
+        raise ConvertError(f"--ffcv-max-side must be in 1..{FFCV_MAX_SIDE_LIMIT}, got {ffcv_max_side}")
+    if not 1 <= ffcv_quality <= 100:
+        raise ConvertError(f"--ffcv-quality must be in 1..100, got {ffcv_quality}")
+    write_betons = _import_ffcv_writer() if "ffcv" in formats else None
     workers = default_workers() if workers is None else workers
     if workers < 0:
         raise ConvertError(f"--workers must be >= 0, got {workers}")
@@ -592,7 +639,15 @@ def convert(
             f"(first reason: {skipped[0]['reason'] if skipped else 'none'})"
         )
     written = {shard["name"] for s in splits.values() for shard in s["shards"]}
-    _remove_stale_outputs(dst, written | {str(Path(name).with_suffix(".idx")) for name in written})
+    written |= {str(Path(name).with_suffix(".idx")) for name in written}
+    ffcv = None
+    if write_betons is not None:
+        if progress:
+            print(f"{PROG}: writing {', '.join(beton_name(s) for s in splits)}", file=sys.stderr)
+        ffcv = write_betons(dst, {"splits": splits}, max_side=ffcv_max_side, quality=ffcv_quality,
+                            workers=max(1, workers), progress=progress)
+        written |= {f["name"] for f in ffcv["files"].values()}
+    _remove_stale_outputs(dst, written)
     manifest = {
         "classes": source.classes,
         "splits": splits,
@@ -603,9 +658,12 @@ def convert(
             "shard_size": shard_size,
             "seed": seed,
             "limit": {k: v for k, v in limits.items() if v is not None} or None,
+            "formats": list(formats),
         },
         "skipped": skipped,
     }
+    if ffcv is not None:
+        manifest["ffcv"] = ffcv
     write_manifest(dst, manifest)  # last and atomic: its presence means the dataset is complete
     return {"format": FORMAT_NAME, "version": FORMAT_VERSION, **manifest}
 
@@ -635,6 +693,10 @@ def format_summary(manifest: dict, dst: str | os.PathLike, seconds: float, max_s
             lines.append(f"    ... and {len(skipped) - max_skipped} more (see {MANIFEST})")
     else:
         lines.append("  skipped 0 files")
+    ffcv = manifest.get("ffcv")
+    if ffcv:
+        files = ", ".join(f"{f['name']} ({f['bytes'] / 2**20:,.1f} MiB)" for f in ffcv["files"].values())
+        lines.append(f"  ffcv  {files}; longer side <= {ffcv['max_side']}, JPEG quality {ffcv['quality']}")
     for note in manifest.get("source", {}).get("notes", []):
         lines.append(f"  note: {note}")
     rate = total / seconds if seconds > 0 else float("inf")
@@ -694,6 +756,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N|train=N,val=M",
         help="at most this many samples per split (quick tests and demos)",
     )
+    p.add_argument(
+        "--formats",
+        default="wds",
+        metavar="wds[,ffcv]",
+        help="what to write: wds (webdataset shards, always) and ffcv (also <split>.beton for data.backend=ffcv)",
+    )
+    p.add_argument(
+        "--ffcv-max-side",
+        type=int,
+        default=DEFAULT_FFCV_MAX_SIDE,
+        metavar="PX",
+        help="with --formats ...,ffcv: longer side of the images in the .beton files (larger ones are shrunk)",
+    )
+    p.add_argument(
+        "--ffcv-quality", type=int, default=DEFAULT_FFCV_QUALITY, metavar="Q", help="JPEG quality in the .beton files"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing converted dataset in DST")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -716,6 +794,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             limit=args.limit,
             progress=not args.no_progress,
+            formats=args.formats,
+            ffcv_max_side=args.ffcv_max_side,
+            ffcv_quality=args.ffcv_quality,
         )
     except ConvertError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -212,7 +212,9 @@ _BACKENDS = {
     "torch": ("pipelines.torch_loader", "TorchLoader", None, None),
     "dali": ("pipelines.dali_loader", "DaliLoader", "nvidia.dali",
              "pip install 'fastssl[dali-cu13]' (CUDA 13) or 'fastssl[dali-cu12]' (CUDA 12)"),
-    "ffcv": ("pipelines.ffcv_loader", "FfcvLoader", "ffcv", "pip install 'fastssl[ffcv]'"),
+    "ffcv": ("pipelines.ffcv_loader", "FfcvLoader", "ffcv",
+             "pip install -e '.[ffcv]' (its C library needs the apt packages pkg-config libturbojpeg0-dev "
+             "libopencv-dev), and convert the dataset with `fastssl-convert --formats wds,ffcv`"),
 }
 
 
@@ -226,6 +228,8 @@ def _importable(name: str) -> bool:
 def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         # Best available: DALI decodes on the GPU; without CUDA the torch backend is the fast path.
+        # Never ffcv: it reads .beton files that only an explicit `--formats wds,ffcv` writes, and on
+        # small same-size images (Fashion-MNIST, CIFAR) the torch backend's RAM cache beats it.
         if device.type == "cuda" and _importable("nvidia.dali") and _importable("pipelines.dali_loader"):
             return "dali"
         return "torch"

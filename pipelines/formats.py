@@ -8,6 +8,9 @@ A converted dataset is a folder:
                              so DALI reads the label without Python)
     train-00000.idx ...      DALI webdataset index of each shard (same text format as DALI's wds2idx)
     val-00000.tar ...
+    train.beton, val.beton   optional (``--formats wds,ffcv``): each split as one FFCV file, samples in
+                             shard order; written by ``pipelines.ffcv_loader.write_betons``, listed
+                             in the manifest's ``"ffcv"`` section
 
 Only this module knows the layout; loaders and the converter call it.
 """
@@ -221,6 +224,31 @@ def shard_paths(folder: str | os.PathLike, split: str, manifest: dict | None = N
             raise DatasetFormatError(f"{p}: listed in the manifest but missing; rerun fastssl-convert")
         paths.append(p)
     return paths
+
+
+def beton_name(split: str) -> str:
+    return f"{split}.beton"
+
+
+def beton_path(folder: str | os.PathLike, split: str, manifest: dict | None = None) -> Path:
+    """Path of the FFCV file of ``split``: listed in the manifest's ``"ffcv"`` section, present, of the listed size."""
+    folder = Path(folder)
+    manifest = manifest if manifest is not None else load_manifest(folder)
+    entry = manifest.get("ffcv", {}).get("files", {}).get(split)
+    if entry is None:
+        raise DatasetFormatError(
+            f"{folder}: no FFCV file for split {split!r}; convert with "
+            f"`fastssl-convert SRC {folder} --formats wds,ffcv --overwrite`"
+        )
+    p = folder / entry["name"]
+    if not p.is_file():
+        raise DatasetFormatError(f"{p}: listed in the manifest but missing; rerun fastssl-convert --formats wds,ffcv")
+    if p.stat().st_size != entry["bytes"]:
+        raise DatasetFormatError(
+            f"{p}: {p.stat().st_size} bytes, the manifest says {entry['bytes']}; "
+            "rerun fastssl-convert --formats wds,ffcv"
+        )
+    return p
 
 
 def shard_counts(manifest: dict, split: str) -> list[int]:
