@@ -3,6 +3,9 @@
 Every backend hands this stage uint8 crops ``(B, 3, S, S)`` on the training device; it applies one
 view's photometric augmentation to the whole batch at once with torch ops (no per-image Python),
 so every backend yields the same augmentation distribution and it runs wherever the batch lives.
+Where they apply, fused kernels run the same maths in one pass per image instead of the ~30 passes of the
+torch ops: Triton on CUDA (``pipelines.photometric_triton``), C++ on CPU (``csrc/photometric_cpu.cpp``);
+the torch ops stay as their reference twin (``FASTSSL_PHOTOMETRIC``, see ``photometric_path``).
 
 Distributions follow torchvision (``ColorJitter``, ``RandomGrayscale``, ``GaussianBlur``,
 ``RandomSolarize``) per image:
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -193,9 +197,10 @@ def apply_photometric(
     batch, device = x.shape[0], x.device
     if params is None:
         params = sample_photometric_params(view, batch, generator)
+    path = photometric_path(x) if colour else "torch"
     # Work in plain NCHW: per-channel planes are then contiguous, which the colour ops and the subset
     # gathers need to run at memory speed; the normalization writes channels-last at the end.
-    if colour and use_fused(x):  # the fused kernel reads x as it is (uint8 or float, any strides)
+    if path != "torch":  # the fused kernels read x as it is (uint8 or float, any strides)
         pass
     elif x.dtype == torch.uint8:
         x = x.to(torch.float32, memory_format=torch.contiguous_format).mul_(1.0 / 255.0)
@@ -206,8 +211,8 @@ def apply_photometric(
     std_t = torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     scale = (1.0 / std_t).to(device, non_blocking=True)
     bias = (-torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std_t).to(device, non_blocking=True)
-    if colour and use_fused(x):
-        out = _apply_fused(x, params, scale, bias)
+    if path != "torch":
+        out = (_apply_fused if path == "triton" else _apply_cpp)(x, params, scale, bias)
         return (out, params) if return_params else out
     # Effective factors: identity where jitter does not fire, so b/c/s run on the whole batch
     # without masking (a factor of 1 is an exact no-op) and hue runs on its subset only.
@@ -252,25 +257,59 @@ def apply_photometric(
     return (x, params) if return_params else x
 
 
-_FUSED_MODES = ("auto", "torch", "triton")
+_MODES = ("auto", "torch", "triton", "cpp")
+
+
+def photometric_path(x: torch.Tensor) -> str:
+    """Which implementation ``apply_photometric`` runs on a (B, 3, H, W) ``x``: "triton" | "cpp" | "torch".
+
+    ``FASTSSL_PHOTOMETRIC`` = auto (default: the fused Triton chain for CUDA tensors when Triton is installed,
+    the fused C++ kernel for CPU tensors when it builds (the first use compiles it, cached afterwards; a failed
+    build warns once and uses the torch path), the torch path otherwise) | torch (always the torch path, the
+    reference twin) | triton (always; CPU tensors need TRITON_INTERPRET=1 set before the kernel module is
+    first imported) | cpp (always the C++ kernel; CPU tensors only, a failed build is an error).
+    (B, 1, H, W) gray input always takes the torch path.
+    """
+    mode = os.environ.get("FASTSSL_PHOTOMETRIC", "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(f"FASTSSL_PHOTOMETRIC must be one of {', '.join(_MODES)}, got {mode!r}")
+    if mode == "torch":
+        return "torch"
+    if mode == "triton":
+        if not _have_triton():
+            raise RuntimeError("FASTSSL_PHOTOMETRIC=triton but triton is not installed")
+        return "triton"
+    if mode == "cpp":
+        if x.device.type != "cpu":
+            raise ValueError(f"FASTSSL_PHOTOMETRIC=cpp runs on CPU tensors only, got a {x.device.type} tensor")
+        return "cpp"
+    if x.is_cuda:
+        return "triton" if _have_triton() else "torch"
+    return "cpp" if x.device.type == "cpu" and _have_cpp() else "torch"
 
 
 def use_fused(x: torch.Tensor) -> bool:
-    """Whether ``apply_photometric`` runs the fused Triton chain on ``x``.
+    """Whether ``apply_photometric`` runs the fused Triton chain on ``x`` (see ``photometric_path``)."""
+    return photometric_path(x) == "triton"
 
-    ``FASTSSL_PHOTOMETRIC`` = auto (default: CUDA tensors, when Triton is installed) | torch (never) |
-    triton (always; CPU tensors need TRITON_INTERPRET=1 set before the kernel module is first imported).
-    """
-    mode = os.environ.get("FASTSSL_PHOTOMETRIC", "auto").strip().lower() or "auto"
-    if mode not in _FUSED_MODES:
-        raise ValueError(f"FASTSSL_PHOTOMETRIC must be one of {', '.join(_FUSED_MODES)}, got {mode!r}")
-    if mode == "torch":
+
+_cpp_warned = False
+
+
+def _have_cpp() -> bool:
+    """Whether the C++ kernel is built (building it on the first call); warns once when it cannot be."""
+    global _cpp_warned
+    from fastssl.optim import extensions  # lazy: importing pipelines must not pull in the builder
+
+    try:
+        extensions.load_photometric_cpu()
+        return True
+    except Exception as exc:  # noqa: BLE001 - compiler errors arrive as several exception types
+        if not _cpp_warned:
+            _cpp_warned = True
+            warnings.warn(f"photometric: the C++ CPU kernel is unavailable ({type(exc).__name__}: {exc}); "
+                          "using the torch path", RuntimeWarning, stacklevel=3)
         return False
-    if mode == "auto":
-        return x.is_cuda and _have_triton()
-    if not _have_triton():
-        raise RuntimeError("FASTSSL_PHOTOMETRIC=triton but triton is not installed")
-    return True
 
 
 def _have_triton() -> bool:
@@ -304,3 +343,23 @@ def _apply_fused(x: torch.Tensor, params: Params, scale: torch.Tensor, bias: tor
         sub = torch.addcmul(bias, sub, scale)
         out.index_copy_(0, idx, sub.contiguous(memory_format=torch.channels_last))
     return out
+
+
+def _apply_cpp(x: torch.Tensor, params: Params, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The whole stage in one C++ call (csrc/photometric_cpu.cpp) on CPU tensors: x (B, 3, H, W) uint8 or float,
+    any strides -> float32 (B, 3, H, W) normalized, channels-last. Same decisions and maths as the torch path."""
+    from fastssl.optim import extensions
+
+    module = extensions.load_photometric_cpu()
+    if x.dtype not in (torch.uint8, torch.float32):
+        x = x.float()
+    jitter = params["jitter"].bool()
+    ident = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    factors = torch.where(jitter[:, None], torch.stack([params[k].float() for k in JITTER_OPS], 1), ident)
+    # The ops the torch path runs: those some image moves away from identity, in the batch's order.
+    active = (factors != ident).any(0).tolist()
+    order = [op for op in params["order"] if active[op]]
+    flags = params["gray"].bool().int() + 2 * params["blur"].bool().int() + 4 * params["solarize"].bool().int()
+    return module.photometric(x, factors.contiguous(), order, flags.to(torch.int32),
+                              params["sigma"].float().contiguous(), blur_kernel_size(x.shape[-1]),
+                              scale.reshape(3).float().contiguous(), bias.reshape(3).float().contiguous())

@@ -1,9 +1,10 @@
-"""Benchmark the shared photometric stage alone: the torch path vs the fused Triton chain, per recipe.
+"""Benchmark the shared photometric stage alone: the torch path vs the fused kernel (Triton on a GPU, C++ on CPU).
 
 Input: uint8 crops already on the device (what every backend hands the stage), one batch per view of the
 recipe (byol: 2 x 224; swav: 2 x 224 + 6 x 96). Output: normalized float32 channels-last views. Reports
 images/s (an image = all its views), median of repeats after warm-up, CUDA events on a GPU, and the
-ratio fused / torch from the same run.
+ratio fused / torch from the same run. On CPU, with the 1-minute load average before and after each path
+(the machine may be shared); torch's intra-op thread count is the CPU's unless OMP_NUM_THREADS says otherwise.
 
     python scripts/bench_photometric.py --recipe swav --batch 256 --json out.json
 """
@@ -71,12 +72,14 @@ def main(argv: list[str] | None = None) -> dict:
                 apply_photometric(x, view, spec.mean, spec.std, gen)
         return fn
 
-    modes = ["torch", "triton"] if gpu else ["torch"]
+    modes = ["torch", "triton"] if gpu else ["torch", "cpp"]
     results = []
     for mode in modes:
+        load_before = os.getloadavg()[0]
         ts = _time_ms(run(mode), device, args.reps, args.warmup)
         med = statistics.median(ts)
-        results.append({"path": mode, "median_ms": med, "img_s": args.batch / (med / 1e3), "times_ms": ts})
+        results.append({"path": mode, "median_ms": med, "img_s": args.batch / (med / 1e3), "times_ms": ts,
+                        "load_1min": (load_before, os.getloadavg()[0])})
     os.environ.pop("FASTSSL_PHOTOMETRIC", None)
     base = results[0]["img_s"]
     views = " + ".join(f"{n} x {s}" for s, n in _count_sizes(spec))
@@ -84,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{torch.cuda.get_device_name() if gpu else 'cpu'}")
     for r in results:
         r["x_vs_torch"] = r["img_s"] / base
-        print(f"  {r['path']:<7} {r['median_ms']:9.2f} ms/batch {r['img_s']:10.0f} img/s  x{r['x_vs_torch']:.2f}")
+        load = "" if gpu else "  load {:.1f} -> {:.1f}".format(*r["load_1min"])
+        print(f"  {r['path']:<7} {r['median_ms']:9.2f} ms/batch {r['img_s']:10.0f} img/s  x{r['x_vs_torch']:.2f}{load}")
     report = {"date": datetime.date.today().isoformat(), "recipe": args.recipe, "batch": args.batch,
               "device": torch.cuda.get_device_name() if gpu else "cpu", "torch": torch.__version__,
               "cpu_count": os.cpu_count(), "load_avg": os.getloadavg(), "results": results,

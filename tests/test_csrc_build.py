@@ -1,9 +1,9 @@
 """The C++/CUDA kernels in csrc/ compile here, GPU or not, so a broken build fails CI.
 
 The builds are cached (fastssl.optim.extensions.build_dir(), keyed on sources and flags): a fresh machine
-pays once — measured on 2 cores at load ~3: ~11-14 s for the CPU kernel (g++), ~19-24 s for the CUDA one
-(nvcc for the kernel, g++ for the host part; one architecture, sm_90); a rerun with unchanged sources only
-loads the libraries (< 1 s).
+pays once — measured on 2 cores at load ~3: ~11-14 s for the CPU LARS kernel (g++), ~19-24 s for the CUDA one
+(nvcc for the kernel, g++ for the host part; one architecture, sm_90); at load 4-9, ~20-50 s for the CPU
+photometric kernel; a rerun with unchanged sources only loads the libraries (< 1 s).
 """
 
 from __future__ import annotations
@@ -23,6 +23,17 @@ def test_cpu_lars_kernel_builds_and_steps():
     module.lars_step([p], [g], [b], 0.5, 0.9, 0.0, 1.0, False, True)  # excluded: plain SGD
     torch.testing.assert_close(p, torch.zeros(5))
     torch.testing.assert_close(b, g)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="needs a C++ compiler")
+def test_cpu_photometric_kernel_builds_and_normalizes():
+    module = extensions.load_photometric_cpu()
+    x = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 2, 3)
+    factors = torch.tensor([[1.0, 1.0, 1.0, 0.0]] * 2)  # identity jitter, no gray / blur / solarize
+    out = module.photometric(x, factors, [0, 1, 2, 3], torch.zeros(2, dtype=torch.int32), torch.ones(2), 3,
+                             torch.full((3,), 2.0), torch.full((3,), -1.0))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, (x.float() / 255) * 2 - 1)
 
 
 @pytest.mark.skipif(not extensions.nvcc_available(), reason="needs nvcc (a CUDA toolkit)")

@@ -1,4 +1,5 @@
-"""JIT builds of the C++/CUDA optimizer kernels in ``csrc/`` (torch.utils.cpp_extension, cached).
+"""JIT builds of the C++/CUDA kernels in ``csrc/``: LARS steps, the CPU photometric stage (torch.utils.cpp_extension,
+cached).
 
 The first call compiles (on 2 loaded cores: ~11-14 s for the CPU kernel with g++, ~19-24 s for the CUDA
 one with nvcc and g++, one architecture; narrow includes, not torch/extension.h, halve both) into
@@ -88,10 +89,33 @@ def load_lars_cpu() -> ModuleType:
 
 
 def _cpu_has_fma() -> bool:
+    return "fma" in _cpu_flags()
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``; empty where it cannot be read)."""
     try:
-        return " fma " in Path("/proc/cpuinfo").read_text().replace("\n", " ")
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.partition(":")[2].split())
     except OSError:
-        return False
+        pass
+    return set()
+
+
+def load_photometric_cpu() -> ModuleType:
+    """The fused CPU photometric stage (``csrc/photometric_cpu.cpp``): ``photometric(x, factors, order, flags,
+    sigma, kernel, scale, bias)`` -> normalized float32 channels-last views; see pipelines.photometric."""
+    # -fopenmp makes at::parallel_for (inline in the headers) use torch's OpenMP pool; the symbols resolve to
+    # the libgomp that libtorch_cpu already loads. No FMA contraction: products round as torch's separate
+    # ops do (the kernel calls fma where it wants one). -fno-trapping-math lets the compiler turn the selects
+    # (hue, solarize) into vector blends; it changes no value. AVX2 (256-bit integer widening for the uint8
+    # loads) and FMA (the blur's multiply-adds) where the CPU has them; the flags are part of the cache key,
+    # so a machine without them builds its own copy.
+    cpu = _cpu_flags()
+    flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
+    flags += [f"-m{f}" for f in ("avx2", "fma") if f in cpu]
+    return _load("fastssl_photometric_cpu", ["photometric_cpu.cpp"], extra_cflags=flags)
 
 
 def load_lars_cuda(arch_list: str | None = None) -> ModuleType:
