@@ -84,6 +84,9 @@ def load_lars_cpu() -> ModuleType:
     """The fused CPU LARS kernel (``csrc/lars_cpu.cpp``): ``lars_step(params, grads, bufs, lr, momentum,
     weight_decay, eta, nesterov, exclude)`` over lists of fp32 CPU tensors."""
     # No implicit contraction: the kernel places its FMAs where torch's ops have them (bit-identical updates).
+    # No -fopenmp, on purpose: at::parallel_for (inline in the headers) then runs serially. Measured on the
+    # shared 2-core machine (load ~3.5, bench_optim, 2026-11-23): serial 57-60 ms per ResNet-50 step, with
+    # OpenMP 346-347 ms, as every barrier waits for a preempted thread; the step is memory-bound anyway.
     flags = ["-O3", "-ffp-contract=off"] + (["-mfma"] if _cpu_has_fma() else [])
     return _load("fastssl_lars_cpu", ["lars_cpu.cpp"], extra_cflags=flags)
 
