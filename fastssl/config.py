@@ -73,7 +73,11 @@ class TrainConfig:
     channels_last: bool = True
     seed: int = 0
     log_every: int = 20
-    checkpoint_every: int = 0  # steps; 0: only at each epoch end
+    # Checkpoints (out_dir/checkpoints/step-XXXXXX.pt + last.pt) at each epoch end, at the end, on SIGTERM/SIGINT,
+    # and every checkpoint_every steps (0: no extra ones); the newest keep_checkpoints step files are kept.
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 20  # non-finite losses in a row (those steps are skipped) before the run stops
     deterministic: bool = False
     threads: int = 0  # CPU intra-op threads; 0: torch's default
     progress: bool = True
@@ -86,7 +90,13 @@ class EvalConfig:
     knn_t: float = 0.07
     knn_init: bool = False  # also evaluate the backbone at initialization (the baseline to beat)
     knn_max_train: int = 0  # > 0: use at most this many train images as the kNN bank
+    knn_every: int = 0  # > 0: also run the kNN monitor every this many epochs during training
     batch_size: int = 512
+    probe: bool = True  # online linear probe on the detached features of each batch's first global view
+    probe_every: int = 1  # steps between probe updates
+    probe_lr: float = 1.0e-3  # the probe's own Adam
+    wandb: bool = False  # also log to Weights & Biases (when the wandb package is installed)
+    wandb_project: str = "fastssl"
 
 
 @dataclass
@@ -98,7 +108,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     out_dir: str = "runs/default"
-    resume: str = "auto"  # auto: newest checkpoint in out_dir if any | none | a checkpoint path
+    resume: str = "auto"  # auto: newest valid checkpoint in out_dir/checkpoints if any | none | a checkpoint path
 
 
 _CHOICES = {
@@ -155,8 +165,21 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be > 0")
+    if cfg.eval.probe_every <= 0:
+        raise ConfigError(f"eval.probe_every={cfg.eval.probe_every}: must be > 0 (eval.probe=false turns it off)")
+    if cfg.eval.knn_every < 0:
+        raise ConfigError(f"eval.knn_every={cfg.eval.knn_every}: must be >= 0 (0: no kNN monitor during training)")
     if cfg.train.epochs <= 0 and cfg.train.max_steps <= 0:
         raise ConfigError("train.epochs and train.max_steps are both <= 0: nothing to train")
+    for key in ("train.log_every", "train.keep_checkpoints", "train.max_bad_steps"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be >= 1")
+    if cfg.train.checkpoint_every < 0:
+        raise ConfigError(f"train.checkpoint_every={cfg.train.checkpoint_every}: must be >= 0 (0: checkpoints "
+                          f"only at epoch ends, at the end and on SIGTERM/SIGINT)")
+    if cfg.resume not in ("auto", "none") and not Path(cfg.resume).is_file():
+        raise ConfigError(f"resume={cfg.resume}: no such checkpoint file; use auto (the newest valid checkpoint "
+                          f"in out_dir/checkpoints, if any), none, or the path of a checkpoint")
     if cfg.train.batch_size % world_size != 0:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} is the global batch and must be divisible by the "

@@ -2,6 +2,12 @@
 
     torchrun --nproc_per_node=N fastssl/train.py --config byol_resnet18_fmnist train.batch_size=512 ...
     python fastssl/train.py --config byol_resnet18_fmnist          # one process
+
+Checkpoints go to OUT_DIR/checkpoints (step-XXXXXX.pt, last.pt) every train.checkpoint_every steps, at each
+epoch end, at the end, and on SIGTERM / SIGINT (the step in flight finishes, then the run saves and exits with
+status 128 + the signal's number; a second signal exits at once). Running the same command again resumes
+from the newest valid checkpoint (resume=auto). Exit status 1: the loss stayed non-finite for
+train.max_bad_steps steps in a row.
 """
 
 from __future__ import annotations
@@ -30,14 +36,19 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         parser.exit(2, f"fastssl/train.py: error: {e}\n")
-    from fastssl.engine.trainer import run
+    from fastssl.engine.trainer import TrainingDiverged, TrainingInterrupted, run
     from pipelines.formats import DatasetFormatError
 
+    main_rank = int(os.environ.get("RANK", "0")) == 0
     try:
         results = run(cfg)
     except DatasetFormatError as e:
         parser.exit(2, f"fastssl/train.py: error: {e}\n")
-    if int(os.environ.get("RANK", "0")) == 0:
+    except TrainingInterrupted as e:  # SIGTERM / SIGINT: checkpoint written, every rank stopped at the same step
+        parser.exit(e.exit_code, f"fastssl/train.py: {e}\n" if main_rank else None)
+    except TrainingDiverged as e:
+        parser.exit(1, f"fastssl/train.py: error: {e}\n" if main_rank else None)
+    if main_rank:
         print(json.dumps(results))
     return 0
 

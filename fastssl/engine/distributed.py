@@ -1,10 +1,16 @@
-"""torchrun integration: process group from the environment (NCCL on CUDA, gloo on CPU)."""
+"""torchrun integration: process group from the environment (NCCL on CUDA, gloo on CPU), the small
+collectives the trainer agrees through, and the stop signals (SIGTERM, SIGINT) every rank acts on together."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,7 +43,18 @@ def init_distributed(device: str = "auto") -> DistInfo:
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+        backend = "nccl" if use_cuda else "gloo"
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is None:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        else:
+            # torchrun keeps its store across restarts (--max-restarts): the previous attempt's keys, such as
+            # gloo's peer addresses, would send the restarted ranks to dead processes. One prefix per attempt.
+            from torch.distributed.rendezvous import rendezvous
+
+            store, _, _ = next(rendezvous("env://", rank=rank, world_size=world_size))
+            store = dist.PrefixStore(f"fastssl/attempt_{attempt}/", store)
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
     return DistInfo(rank, world_size, local_rank, dev)
 
 
@@ -51,6 +68,82 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (``[obj]`` in a single process)."""
+    if not _initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank."""
+    if not _initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def max_across_ranks(values: torch.Tensor) -> list[float]:
+    """Elementwise maximum of ``values`` (a small 1-D tensor on the training device) over the ranks, on the
+    host: the flags every rank must agree on (one all-reduce, one device-to-host copy)."""
+    if _initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values.tolist()
+
+
+class StopSignals:
+    """SIGTERM / SIGINT -> a request to stop after the current step; the trainer all-reduces ``signum`` so
+    every rank stops at the same step, saves, and exits.
+
+    A second signal exits at once (status 128 + signal number), without a checkpoint. A repeat of the same
+    signal within ``repeat_window_s`` of the first counts as the same request: a scheduler (scancel, a
+    preemption) may signal every process of a job while torchrun forwards its own copy to its workers.
+    Handlers are only installed from the main thread (Python's rule); ``restore()`` puts the previous ones back.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, announce: bool = True, repeat_window_s: float = 1.0):
+        self.signum: int | None = None
+        self.announce = announce  # print what happens (rank 0), so a job prints it once
+        self.repeat_window_s = repeat_window_s
+        self._first_at = 0.0
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        now = time.monotonic()
+        if self.signum is None:
+            self.signum, self._first_at = signum, now
+            if self.announce:
+                sys.stderr.write(f"\n{signal.Signals(signum).name}: finishing this step, saving a checkpoint, then "
+                                 f"stopping (signal again to stop at once, without a checkpoint)\n")
+                sys.stderr.flush()
+            return
+        if signum == self.signum and now - self._first_at < self.repeat_window_s:
+            return
+        sys.stderr.write(f"\n{signal.Signals(signum).name} again: exiting now, without a checkpoint\n")
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+
 def weight_digests(module: torch.nn.Module) -> list[str]:
     """sha256 of ``module``'s parameters on every rank (rank order); equal digests mean the ranks hold
     bit-identical weights, the DDP invariant. Buffers are left out: BatchNorm running statistics see each
@@ -59,9 +152,4 @@ def weight_digests(module: torch.nn.Module) -> list[str]:
     for name, t in module.named_parameters():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    mine = h.hexdigest()
-    if not (dist.is_available() and dist.is_initialized()):
-        return [mine]
-    out: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, mine)
-    return [str(d) for d in out]
+    return [str(d) for d in all_gather_objects(h.hexdigest())]

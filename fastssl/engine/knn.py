@@ -12,8 +12,13 @@ from torch import nn
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, loader, precision: str = "bf16") -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``backbone`` over every batch of ``loader`` (its first view). -> (N, D) fp32 L2-normalized, (N,) int64."""
+def extract_features(backbone: nn.Module, loader, precision: str = "bf16", normalize: bool = True,
+                     progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``backbone`` (in eval mode) over every batch of ``loader`` (its first view).
+
+    -> (N, D) fp32 features, L2-normalized unless ``normalize=False``, and (N,) int64 labels, on the
+    backbone's device. ``progress``: an optional callable given each batch's image count (a bar's update).
+    """
     was_training = backbone.training
     backbone.eval()
     feats, labels = [], []
@@ -22,8 +27,11 @@ def extract_features(backbone: nn.Module, loader, precision: str = "bf16") -> tu
             x = batch.views[0]
             with _autocast(x.device, precision):
                 f = backbone(x)
-            feats.append(F.normalize(f.float(), dim=1))
+            f = f.float()
+            feats.append(F.normalize(f, dim=1) if normalize else f)
             labels.append(batch.labels.to(f.device))
+            if progress is not None:
+                progress(x.shape[0])
     finally:
         backbone.train(was_training)
     return torch.cat(feats), torch.cat(labels)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -19,8 +20,10 @@ from tqdm import tqdm
 import pipelines
 from fastssl.config import ConfigError, validate
 from fastssl.engine import distributed
-from fastssl.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from fastssl.engine.checkpoint import CheckpointDir, load_checkpoint, rng_state, set_rng_state
 from fastssl.engine.knn import extract_features, knn_top1
+from fastssl.engine.monitor import DataWaitMonitor, open_wandb
+from fastssl.engine.probes import OnlineLinearProbe
 from fastssl.methods import build_method
 from fastssl.models import build_backbone
 from fastssl.optim.lars import LARS
@@ -34,7 +37,7 @@ def build_spec(cfg: DictConfig, name: str | None = None) -> pipelines.MultiCropS
     """The MultiCropSpec of the run (or the preset ``name`` at the run's sizes and normalization)."""
     d = cfg.data
     kwargs = {"global_size": d.global_size, "local_size": d.local_size}
-    if d.n_local:
+    if d.n_local and (name or d.spec) != "eval":  # the eval view of a multi-crop run has no local views
         kwargs["n_local"] = d.n_local
     if d.mean is not None:
         kwargs["mean"], kwargs["std"] = tuple(d.mean), tuple(d.std)
@@ -67,8 +70,16 @@ class Trainer:
         self.cfg = cfg
         self.device = self.dist.device
         self.out_dir = Path(cfg.out_dir)
-        self.ckpt_path = self.out_dir / "checkpoints" / "last.pt"
+        self.checkpoints = CheckpointDir(self.out_dir / "checkpoints", cfg.train.keep_checkpoints)
+        self.ckpt_path = self.checkpoints.last  # a second name of the newest step-XXXXXX.pt
+        self.stop_signals = distributed.StopSignals(announce=self.dist.is_main)
+        self.bad_steps = {"in_row": 0, "total": 0}  # non-finite losses: those steps' updates were skipped
+        self._skipped = False  # the last step's update was skipped
+        self._stop_signum = 0  # > 0: every rank agreed to stop after this step (the signal's number)
+        self._saved_step = -1
         self._eval_loader_cache: dict | None = None
+        self.probe: OnlineLinearProbe | None = None
+        self._knn_at_step: dict[int, float] = {}  # kNN monitor results by step, reused by the final evaluation
 
     # ----------------------------------------------------------------------------------------- setup
     def _seed(self) -> None:
@@ -98,7 +109,8 @@ class Trainer:
         method = build_model(cfg).to(self.device)
         if cfg.train.channels_last:
             method = method.to(memory_format=torch.channels_last)
-        if self.device.type == "cuda" and d.world_size > 1:
+        # A method may opt out (sync_batchnorm = False), e.g. MoCo v2's Shuffle-BN.
+        if self.device.type == "cuda" and d.world_size > 1 and getattr(method, "sync_batchnorm", True):
             method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
         self.method = method
         self.model = DDP(method, device_ids=[d.local_rank] if self.device.type == "cuda" else None) \
@@ -121,6 +133,12 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
+        self._norm_buffers = _norm_buffers(method)
+        self._norm_snapshot = [b.clone() for b in self._norm_buffers]
+        if cfg.eval.probe:
+            self.probe = OnlineLinearProbe(
+                method.backbone, method.backbone.feat_dim, len(load_manifest(cfg.data.path)["classes"]),
+                lr=cfg.eval.probe_lr, every=cfg.eval.probe_every, device=self.device, world_size=d.world_size)
 
     def lr_at(self, step: int) -> float:
         return warmup_cosine(step, self.total_steps, self.warmup_steps, self.peak_lr, self.cfg.optim.final_lr)
@@ -135,39 +153,79 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
+        epoch, batch = self.epoch, self.batch_in_epoch
+        if batch >= self.steps_per_epoch:  # saved at an epoch's last step, before the loop moves on: next epoch
+            epoch, batch = epoch + 1, 0
         return {
             "model": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "probe": self.probe.state_dict() if self.probe is not None else None,
             "step": self.step,
-            "epoch": self.epoch,
-            "loader": {"epoch": self.epoch, "batch": self.batch_in_epoch},
-            "rng": rng_state(),
+            "epoch": epoch,
+            "loader": {"epoch": epoch, "batch": batch},
+            "rng": [rng_state()],  # one per rank, in rank order (save() gathers them)
             "config": OmegaConf.to_container(self.cfg),
             "world_size": self.dist.world_size,
+            "steps_per_epoch": self.steps_per_epoch,
+            "bad_steps": dict(self.bad_steps),
         }
 
     def save(self) -> None:
+        """Checkpoint this step (once per step): rank 0 writes, with every rank's RNG states; all ranks wait."""
+        if self.step == self._saved_step:
+            return
+        rngs = distributed.all_gather_objects(rng_state())
         if self.dist.is_main:
-            save_checkpoint(self.state_dict(), self.ckpt_path)
+            state = self.state_dict()
+            state["rng"] = rngs
+            self.checkpoints.save(state, self.step)
+        self._saved_step = self.step
         distributed.barrier()
 
     def _resume(self) -> bool:
+        """Load ``cfg.resume``: ``auto`` = the newest valid checkpoint of out_dir (rank 0 picks, every rank
+        loads that file), or a path. A checkpoint from another world size continues at the same fraction of
+        its epoch, with the step (the schedules' clock) counted in this run's steps per epoch."""
         mode = self.cfg.resume
         if mode == "none":
             return False
-        path = self.ckpt_path if mode == "auto" else Path(mode)
-        if mode == "auto" and not path.is_file():
-            return False
-        state = load_checkpoint(path)
+        state = None
+        if mode == "auto":
+            found = None
+            if self.dist.is_main:
+                self.checkpoints.remove_temp_files()
+                found = self.checkpoints.newest_valid()
+            path = distributed.broadcast_object(str(found[0]) if found else None)
+            if path is None:
+                return False
+            state = found[1] if found else None
+        else:
+            path = mode
+        if state is None:
+            state = load_checkpoint(path)
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.probe is not None and state.get("probe") is not None:
+            self.probe.load_state_dict(state["probe"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
-        self.batch_in_epoch = int(state["loader"]["batch"])
-        self.loader.load_state_dict(dict(state["loader"]))
-        if state.get("world_size") == self.dist.world_size:
-            set_rng_state(state["rng"])
+        loader = dict(state["loader"])
+        self.batch_in_epoch = int(loader["batch"])
+        saved_steps_per_epoch = int(state.get("steps_per_epoch", self.steps_per_epoch))
+        if saved_steps_per_epoch != self.steps_per_epoch:  # another world size (or data) cuts epochs differently
+            self.batch_in_epoch = self.batch_in_epoch * self.steps_per_epoch // saved_steps_per_epoch
+            loader["batch"] = self.batch_in_epoch
+            if self.dist.is_main:
+                tqdm.write(f"{path}: {saved_steps_per_epoch} steps per epoch there, {self.steps_per_epoch} here "
+                           f"(world size {state.get('world_size')} -> {self.dist.world_size}): step {self.step} "
+                           f"becomes {self.epoch * self.steps_per_epoch + self.batch_in_epoch}")
+            self.step = self.epoch * self.steps_per_epoch + self.batch_in_epoch
+        self.loader.load_state_dict(loader)
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]] * int(state.get("world_size", 1))
+        if len(rngs) == self.dist.world_size:  # on another world size the streams cannot continue: keep fresh ones
+            set_rng_state(rngs[self.dist.rank])
+        self.bad_steps = {k: int(v) for k, v in state.get("bad_steps", self.bad_steps).items()}
         if self.dist.is_main:
             tqdm.write(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
         return True
@@ -179,14 +237,34 @@ class Trainer:
             group["lr"] = lr
             if wd is not None and not group.get("lars_exclude", False):  # excluded groups keep no decay
                 group["weight_decay"] = wd
+        if self._norm_buffers:
+            torch._foreach_copy_(self._norm_snapshot, self._norm_buffers)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             loss, logs = self.model(views)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        # One all-reduce a step, so that every rank decides alike: skip this update (some rank's loss is not
+        # finite), and stop after this step (some rank got SIGTERM/SIGINT; the largest signal number wins).
+        flags = torch.stack([(~torch.isfinite(loss.detach())).any().float(),
+                             torch.tensor(float(self.stop_signals.signum or 0), device=loss.device)])
+        nonfinite, signum = distributed.max_across_ranks(flags)
+        self._stop_signum = int(signum)
+        self._skipped = nonfinite > 0
+        if self._skipped:
+            # No update at all: optimizer, GradScaler, EMA/momentum untouched, and the normalization layers'
+            # running statistics, which this forward changed, put back.
+            if self._norm_buffers:
+                torch._foreach_copy_(self._norm_buffers, self._norm_snapshot)
+            return loss, logs
         self.method.on_before_optimizer_step(self.step)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.method.on_step_end(self.step, self.total_steps)
+        # fp16: the GradScaler skipped the optimizer step (inf/NaN gradients) iff it lowered the scale; the
+        # EMA/momentum update is skipped with it, as for a non-finite loss (not counted as a bad step: that is
+        # the scaler calibrating, and it recovers by itself).
+        if scale is None or self.scaler.get_scale() >= scale:
+            self.method.on_step_end(self.step, self.total_steps)
         return loss, logs
 
     def fit(self) -> dict:
@@ -196,28 +274,39 @@ class Trainer:
         cfg, main = self.cfg, self.dist.is_main
         results: dict = {}
         if cfg.eval.knn and cfg.eval.knn_init:
-            # The same seed rebuilds the exact initial weights, so this baseline holds after a resume too.
+            # The same seed rebuilds the exact initial weights, so this baseline holds after a resume too; the
+            # run's RNG streams (restored by a resume) are put back afterwards.
+            rng = rng_state()
             torch.manual_seed(cfg.train.seed)
             results["knn_top1_init"] = self.knn_eval(build_model(cfg).to(self.device).backbone)
+            set_rng_state(rng)
         metrics = open(self.out_dir / "metrics.jsonl", "a") if main else None
         tb = _tensorboard(self.out_dir / "tb") if main else None
+        wb = open_wandb(cfg, self.out_dir) if main else None
+        data_wait = DataWaitMonitor(self.loader, self.device.type)
         bar = tqdm(total=self.stop_step, initial=self.step, disable=not (main and cfg.train.progress),
                    unit="step", dynamic_ncols=True, desc=f"{cfg.method.name}")
         global_batch = cfg.train.batch_size
         window = {"n": 0, "time": 0.0, "wait": 0.0}
         loss = None
         self.method.on_train_start(self.steps_per_epoch, self.total_steps)
+        self.stop_signals.install()
         try:
-            while self.step < self.stop_step:
+            while self.step < self.stop_step and not self._stop_signum:
                 if self.batch_in_epoch == 0:
                     self.loader.set_epoch(self.epoch)
                 self.method.on_epoch_start(self.epoch)
                 t_prev = time.perf_counter()
                 for batch in self.loader:
                     t_data = time.perf_counter()
+                    if self.probe is not None:
+                        self.probe.arm(self.step)
                     loss, logs = self._train_step(batch.views)
+                    if self.probe is not None:
+                        self.probe.update(batch.labels)
                     self.step += 1
                     self.batch_in_epoch += 1
+                    self._count_bad_step(metrics)
                     if self.device.type == "cuda" and self.step % cfg.train.log_every == 0:
                         torch.cuda.synchronize()
                     t_end = time.perf_counter()
@@ -229,7 +318,14 @@ class Trainer:
                     if self.step % cfg.train.log_every == 0 or self.step == self.stop_step:
                         row = self._log_row(logs, window, global_batch)
                         window = {"n": 0, "time": 0.0, "wait": 0.0}
+                        if self.probe is not None:
+                            row.update(self.probe.log_window())
                         if main:
+                            advice = data_wait.update(row["data_wait_pct"])
+                            if advice is not None:
+                                bar.write(f"warning: {advice}")
+                            if wb is not None:
+                                wb.log(row, self.step)
                             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.3g}",
                                             img_s=f"{row['img_s']:.0f}", wait=f"{row['data_wait_pct']:.0f}%")
                             metrics.write(json.dumps(row) + "\n")
@@ -239,31 +335,80 @@ class Trainer:
                                     tb.add_scalar(f"train/{k}", v, self.step)
                     if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
                         self.save()
-                    if self.step >= self.stop_step:
+                    if self.step >= self.stop_step or self._stop_signum:
                         break
                 if self.batch_in_epoch >= self.steps_per_epoch:
                     self.epoch += 1
                     self.batch_in_epoch = 0
                     self.save()
+                    if cfg.eval.knn_every and self.epoch % cfg.eval.knn_every == 0 and not self._stop_signum:
+                        self._knn_monitor(metrics, tb, wb)
+                        bar.unpause()  # the evaluation's time stays out of the bar's rate and ETA
             if self.batch_in_epoch:  # stopped mid-epoch by train.max_steps
                 self.save()
+            if self._stop_signum:
+                self.save()
+                raise TrainingInterrupted(self._stop_signum, self.step, self.checkpoints.path_for(self.step))
         finally:
+            self.stop_signals.restore()
             bar.close()
             if metrics is not None:
                 metrics.close()
             if tb is not None:
                 tb.close()
+            if wb is not None:
+                wb.close()
         results.update({"steps": self.step, "epochs": self.epoch,
                         "weight_digests": distributed.weight_digests(self.method)})
+        results["bad_steps"] = self.bad_steps["total"]
         if loss is not None:
             results["final_loss"] = float(loss.detach())
         if cfg.eval.knn:
-            results["knn_top1"] = self.knn_eval()
+            top1 = self._knn_at_step.get(self.step)
+            results["knn_top1"] = top1 if top1 is not None else self.knn_eval()
             if main:
                 knn = {k: v for k, v in results.items() if k.startswith("knn")}
                 knn.update(k=cfg.eval.knn_k, t=cfg.eval.knn_t, step=self.step)
                 atomic_write_bytes(self.out_dir / "knn.json", (json.dumps(knn, indent=2) + "\n").encode())
         return results
+
+    def _knn_monitor(self, metrics, tb, wb) -> None:
+        """kNN top-1 of the current backbone as a metrics row (``{"step", "epoch", "knn_top1"}``)."""
+        rng = rng_state()  # eval loader workers draw their seeds from it; the run's streams must not notice
+        top1 = self.knn_eval()
+        set_rng_state(rng)
+        self._knn_at_step[self.step] = top1
+        if self.dist.is_main:
+            row = {"step": self.step, "epoch": self.epoch, "knn_top1": top1}
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            tb.add_scalar("eval/knn_top1", top1, self.step)
+            if wb is not None:
+                wb.log(row, self.step, prefix="eval")
+            tqdm.write(f"epoch {self.epoch} step {self.step}: kNN top-1 {top1:.2f}%")
+
+    def _count_bad_step(self, metrics) -> None:
+        """After each step: a skipped one (non-finite loss) is counted, logged as a metrics row
+        ``{"step", "epoch", "event": "nonfinite_loss", ...}``, and ends the run after train.max_bad_steps in a row."""
+        if not self._skipped:
+            self.bad_steps["in_row"] = 0
+            return
+        self.bad_steps["in_row"] += 1
+        self.bad_steps["total"] += 1
+        in_row, limit = self.bad_steps["in_row"], self.cfg.train.max_bad_steps
+        if self.dist.is_main:
+            row = {"step": self.step, "epoch": self.epoch, "event": "nonfinite_loss", "bad_steps_in_row": in_row,
+                   "bad_steps_total": self.bad_steps["total"]}
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            tqdm.write(f"warning: step {self.step}: the loss is not finite (on at least one rank); update skipped "
+                       f"({in_row} in a row, {self.bad_steps['total']} in all; train.max_bad_steps={limit})")
+        if in_row >= limit:
+            raise TrainingDiverged(
+                f"stopped at step {self.step}: the loss was not finite for {in_row} steps in a row "
+                f"(train.max_bad_steps={limit}); those updates were skipped, so the weights are still those of step "
+                f"{self.step - in_row}, and no checkpoint was written. The newest one is {self.checkpoints.last}. "
+                f"Look for NaN/inf in the data, lower optim.base_lr, or try train.precision=fp32.")
 
     def _log_row(self, logs: dict, window: dict, global_batch: int) -> dict:
         row = {"step": self.step, "epoch": self.epoch, "lr": self.lr_at(self.step - 1)}
@@ -309,6 +454,36 @@ class Trainer:
         return top1
 
 
+class TrainingInterrupted(Exception):
+    """SIGTERM or SIGINT: every rank finished the same step and its checkpoint is written."""
+
+    def __init__(self, signum: int, step: int, path: Path):
+        self.signum, self.step, self.path = signum, step, path
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        super().__init__(f"stopped by {name} after step {step}; checkpoint {path}. To resume, run the same command "
+                         f"again (resume=auto, the default, takes the newest valid checkpoint in out_dir), or pass "
+                         f"resume={path}")
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number, the shell's convention for "ended by this signal"."""
+        return 128 + self.signum
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss was not finite for train.max_bad_steps steps in a row."""
+
+
+def _norm_buffers(module: nn.Module) -> list[torch.Tensor]:
+    """The running statistics of every normalization layer: the state a training forward pass changes."""
+    from torch.nn.modules.batchnorm import _NormBase
+
+    return [b for m in module.modules() if isinstance(m, _NormBase) for b in m.buffers(recurse=False)]
+
+
 def build_optimizer(o: DictConfig, groups: list[dict], lr: float) -> torch.optim.Optimizer:
     """optim.name -> the optimizer over the method's parameter groups (lars_exclude groups carry no decay)."""
     if o.name == "lars":
@@ -345,4 +520,4 @@ def run(cfg: DictConfig) -> dict:
         distributed.shutdown()
 
 
-__all__ = ["Trainer", "run", "build_spec", "build_model"]
+__all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "run", "build_spec", "build_model"]
