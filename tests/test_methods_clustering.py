@@ -421,3 +421,15 @@ def test_fmnist_recipe_trains_through_the_entry_point(name, tiny_gray_dataset, t
     assert 0.0 <= results["knn_top1"] <= 100.0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["img_s"] > 0 for r in rows)
+
+
+def test_swav_enqueues_only_after_the_update():
+    """A step the trainer skips (non-finite loss: no optimizer step, no on_step_end) leaves the queue alone."""
+    method = _build("swav", queue_length=8, queue_start_epoch=0)
+    method.on_train_start(10, 10)
+    method.on_epoch_start(0)
+    views = _views(_toy_images(4), 2, torch.Generator().manual_seed(0))
+    method(views)
+    assert int(method.queue_filled) == 0 and method.queue.abs().sum() == 0
+    method.on_step_end(0, 10)
+    assert int(method.queue_filled) == 4 and method.queue.abs().sum() > 0

@@ -57,6 +57,10 @@ class OnlineLinearProbe:
         self._feats = None
         self._armed = self.enabled and step % self.every == 0
 
+    def discard(self) -> None:
+        """Forget what ``arm`` captured: the step was skipped (non-finite loss), so the probe does not learn from it."""
+        self._feats, self._armed = None, False
+
     def update(self, labels: torch.Tensor) -> None:
         """One probe step on the features captured since ``arm`` and ``labels`` (B,) int64; a no-op otherwise."""
         armed, self._armed = self._armed, False

@@ -302,8 +302,8 @@ class Trainer:
                     if self.probe is not None:
                         self.probe.arm(self.step)
                     loss, logs = self._train_step(batch.views)
-                    if self.probe is not None:
-                        self.probe.update(batch.labels)
+                    if self.probe is not None:  # every rank agrees on _skipped (an all-reduced flag)
+                        self.probe.discard() if self._skipped else self.probe.update(batch.labels)
                     self.step += 1
                     self.batch_in_epoch += 1
                     self._count_bad_step(metrics)

@@ -49,6 +49,7 @@ class SwAV(SSLMethod):
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))  # valid rows, newest first
         self._filled = 0  # host copy of queue_filled: no device sync per step
         self._queue_filling = False
+        self._pending: list[torch.Tensor] | None = None  # this step's global embeddings, queued after the update
         self.register_load_state_dict_post_hook(_after_load)
 
     # ------------------------------------------------------------------------------------------ step
@@ -61,8 +62,8 @@ class SwAV(SSLMethod):
         z_views, scores_views = z.chunk(len(views)), scores.chunk(len(views))
         codes = [self._codes(scores_views[a].detach(), a) for a in range(N_ASSIGNED)]
         loss = swav_loss(list(scores_views), codes, self.temperature)
-        if self.training and self._queue_filling:
-            self._enqueue([z_views[a].detach() for a in range(N_ASSIGNED)])
+        if self.training and self._queue_filling:  # enqueued in on_step_end: a skipped (non-finite) step never is
+            self._pending = [z_views[a].detach() for a in range(N_ASSIGNED)]
         return loss, {"loss": loss.detach(), "queue_used": float(self._queue_full())}
 
     def _queue_full(self) -> bool:
@@ -107,6 +108,9 @@ class SwAV(SSLMethod):
         """Back onto the unit sphere after the update (frozen prototypes were not updated: nothing to do)."""
         if not self._prototypes_frozen(step):
             self.prototypes.normalize_()
+        if self._pending is not None:
+            self._enqueue(self._pending)
+            self._pending = None
 
 
 def _after_load(module: SwAV, _incompatible_keys) -> None:
