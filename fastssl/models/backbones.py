@@ -1,11 +1,14 @@
 """ResNet backbones: torchvision's layout (so weights export to ``torchvision.models.resnetXX`` with
-``strict=True`` at width 64), plus a width multiplier and a small-image stem for 32 px data."""
+``strict=True`` at width 64), plus a width multiplier and a small-image stem for 32 px data; and the
+ViTs of :mod:`fastssl.models.vit`, by name."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 from torchvision.models import resnet as tvr
+
+from fastssl.models.vit import VITS, build_vit
 
 _RESNETS = {
     "resnet18": (tvr.BasicBlock, [2, 2, 2, 2]),
@@ -51,10 +54,14 @@ class ResNet(tvr.ResNet):
         return torch.flatten(self.avgpool(x), 1)
 
 
-def build_backbone(name: str, width: int = 64, small_images: bool = False) -> ResNet:
-    """A backbone by name (``resnet18|34|50|101``); ``.feat_dim`` gives its output width."""
+def build_backbone(name: str, width: int = 64, small_images: bool = False) -> nn.Module:
+    """A backbone by name (``resnet18|34|50|101``, ``vit_tiny|vit_small|vit_base``); ``.feat_dim`` gives its
+    output width. ``width`` is the ResNets' stem width (ViTs have fixed sizes and ignore it);
+    ``small_images``: the ResNets' 3x3 stem, or 4 px patches for ViT-S/B."""
+    if name in VITS:
+        return build_vit(name, small_images=small_images)
     if name not in _RESNETS:
-        raise ValueError(f"model.backbone={name!r}: unknown; choose one of {sorted(_RESNETS)}")
+        raise ValueError(f"model.backbone={name!r}: unknown; choose one of {sorted(_RESNETS) + sorted(VITS)}")
     if width < 1:
         raise ValueError(f"model.width={width}: must be >= 1")
     block, layers = _RESNETS[name]
