@@ -98,3 +98,21 @@ def default_out(source: str | os.PathLike, name: str) -> str:
         return os.path.join(source, f"{name}.json")
     stem = os.path.splitext(os.path.basename(source))[0]
     return os.path.join(os.path.dirname(source) or ".", f"{stem}.{name}.json")
+
+
+def features_from_args(args, **extract) -> tuple[dict, list, dict]:
+    """The shared first half of fastssl-knn / fastssl-linear: the backbone named by ``args.checkpoint``
+    (and ``args.branch``), then the features of ``args.data``'s splits (``extract``: extra options of
+    :func:`dataset_features`). Returns ``(feats, classes, info)`` where ``info`` describes the run for the
+    JSON report. Raises ExportError / ValueError / OSError / ImportError with a message for the user."""
+    from fastssl.eval.weights import load_backbone
+
+    backbone, meta = load_backbone(args.checkpoint, args.branch)
+    precision = args.precision or meta.get("precision", "fp32")
+    feats, classes = dataset_features(
+        backbone, meta, args.data, batch_size=args.batch_size, device=pick_device(args.device), precision=precision,
+        num_workers=args.num_workers, image_size=args.image_size, progress=not args.no_progress, **extract)
+    info = {"precision": precision, "image_size": args.image_size or meta["image_size"],
+            "checkpoint": str(args.checkpoint), "branch": meta.get("branch", args.branch), "step": meta.get("step"),
+            "data": str(args.data)}
+    return feats, classes, info

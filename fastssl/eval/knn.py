@@ -35,26 +35,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.k < 1 or args.temperature <= 0 or args.batch_size < 1:
         parser.error("--k and --batch-size must be >= 1 and --temperature > 0")
     from fastssl.engine.knn import knn_top1
-    from fastssl.eval.features import dataset_features, default_out, pick_device
-    from fastssl.eval.weights import ExportError, load_backbone
+    from fastssl.eval.features import default_out, features_from_args
+    from fastssl.eval.weights import ExportError
     from pipelines.formats import atomic_write_bytes
 
     try:
-        backbone, meta = load_backbone(args.checkpoint, args.branch)
-        precision = args.precision or meta.get("precision", "fp32")
-        feats, classes = dataset_features(
-            backbone, meta, args.data, batch_size=args.batch_size, device=pick_device(args.device),
-            precision=precision, num_workers=args.num_workers, image_size=args.image_size,
-            max_train=args.max_train, progress=not args.no_progress)
+        feats, classes, info = features_from_args(args, max_train=args.max_train)
     except (ExportError, ValueError, OSError, ImportError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     top1 = knn_top1(*feats["train"], *feats["val"], k=args.k, temperature=args.temperature,
                     num_classes=len(classes))
     result = {"knn_top1": top1, "k": args.k, "t": args.temperature, "bank": int(feats["train"][0].shape[0]),
-              "queries": int(feats["val"][0].shape[0]), "precision": precision,
-              "image_size": args.image_size or meta["image_size"], "checkpoint": str(args.checkpoint),
-              "branch": meta.get("branch", args.branch), "step": meta.get("step"), "data": str(args.data)}
+              "queries": int(feats["val"][0].shape[0]), **info}
     out = args.out or default_out(args.checkpoint, "knn")
     atomic_write_bytes(out, (json.dumps(result, indent=2) + "\n").encode())
     print(f"kNN top-1 {top1:.2f}% (k={args.k}, T={args.temperature}, {result['bank']} train images as the bank, "

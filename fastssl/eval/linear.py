@@ -87,17 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.train_batch < 1 or args.batch_size < 1 or args.lr <= 0:
         parser.error("--epochs, --train-batch and --batch-size must be >= 1 and --lr > 0")
-    from fastssl.eval.features import dataset_features, default_out, pick_device
-    from fastssl.eval.weights import ExportError, load_backbone
+    from fastssl.eval.features import default_out, features_from_args
+    from fastssl.eval.weights import ExportError
     from pipelines.formats import atomic_write_bytes
 
     try:
-        backbone, meta = load_backbone(args.checkpoint, args.branch)
-        precision = args.precision or meta.get("precision", "fp32")
-        feats, classes = dataset_features(
-            backbone, meta, args.data, batch_size=args.batch_size, device=pick_device(args.device),
-            precision=precision, num_workers=args.num_workers, image_size=args.image_size, normalize=False,
-            progress=not args.no_progress)
+        feats, classes, info = features_from_args(args, normalize=False)
     except (ExportError, ValueError, OSError, ImportError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
@@ -106,9 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           progress=not args.no_progress)
     result.update({"epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay,
                    "train_batch": args.train_batch, "train_images": int(feats["train"][0].shape[0]),
-                   "val_images": int(feats["val"][0].shape[0]), "precision": precision,
-                   "image_size": args.image_size or meta["image_size"], "checkpoint": str(args.checkpoint),
-                   "branch": meta.get("branch", args.branch), "step": meta.get("step"), "data": str(args.data)})
+                   "val_images": int(feats["val"][0].shape[0]), **info})
     out = args.out or default_out(args.checkpoint, "linear")
     atomic_write_bytes(out, (json.dumps(result, indent=2) + "\n").encode())
     print(f"linear top-1 {result['top1']:.2f}% on {result['val_images']} val images (train top-1 "
