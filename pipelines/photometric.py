@@ -198,22 +198,20 @@ def apply_photometric(
     if params is None:
         params = sample_photometric_params(view, batch, generator)
     path = photometric_path(x) if colour else "torch"
+    std_t = torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    scale = (1.0 / std_t).to(device, non_blocking=True)
+    bias = (-torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std_t).to(device, non_blocking=True)
+    if path != "torch":  # the fused kernels read x as it is (uint8 or float, any strides)
+        out = (_apply_fused if path == "triton" else _apply_cpp)(x, params, scale, bias)
+        return (out, params) if return_params else out
     # Work in plain NCHW: per-channel planes are then contiguous, which the colour ops and the subset
     # gathers need to run at memory speed; the normalization writes channels-last at the end.
-    if path != "torch":  # the fused kernels read x as it is (uint8 or float, any strides)
-        pass
-    elif x.dtype == torch.uint8:
+    if x.dtype == torch.uint8:
         x = x.to(torch.float32, memory_format=torch.contiguous_format).mul_(1.0 / 255.0)
     elif not (inplace and x.dtype == torch.float32 and x.is_contiguous()):
         x = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
 
     jitter = params["jitter"].bool()
-    std_t = torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    scale = (1.0 / std_t).to(device, non_blocking=True)
-    bias = (-torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std_t).to(device, non_blocking=True)
-    if path != "torch":
-        out = (_apply_fused if path == "triton" else _apply_cpp)(x, params, scale, bias)
-        return (out, params) if return_params else out
     # Effective factors: identity where jitter does not fire, so b/c/s run on the whole batch
     # without masking (a factor of 1 is an exact no-op) and hue runs on its subset only.
     ident = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
