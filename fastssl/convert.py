@@ -3,12 +3,25 @@
     fastssl-convert SRC DST [--max-side 512] [--quality 95] [--shard-size 10000] [--workers N]
                             [--seed 0] [--limit N | --limit train=N,val=M] [--overwrite] [--no-progress]
                             [--formats wds,ffcv [--ffcv-max-side 512] [--ffcv-quality 90]]
+                            [--max-pixels N] [--verify]
+    fastssl-convert --verify DST
 
 SRC is an ImageFolder tree (one folder per class; optional ``train/`` and ``val/`` sub-splits) or the
 name ``fashion-mnist``. Every sample becomes a JPEG: a JPEG that already fits ``--max-side`` is stored
 byte for byte, anything else is decoded, made RGB (or kept grayscale), shrunk so its longer side is
-``--max-side`` and encoded at ``--quality``. Files that do not decode are skipped and listed in the
-summary and in ``manifest.json``; they never stop the run.
+``--max-side`` and encoded at ``--quality`` (CMYK, palette and alpha images become RGB on white,
+16-bit images keep their high byte, EXIF orientation is applied). Files that cannot be used are skipped
+and listed with a reason in the summary and in ``manifest.json`` (``"skipped"``); they never stop the
+run: truncated or corrupt data, empty files, non-images with an image extension, files declaring more
+than ``--max-pixels`` pixels (decompression bombs, rejected before decoding), unreadable files. Empty
+class folders, symlink loops (each real folder is entered once) and unlistable folders are listed there too.
+
+A kill leaves no partial file under a final name: a shard is written to a hidden temp name and renamed
+when complete, and ``manifest.json`` comes last. A hidden progress journal records each finished shard's
+sha256; rerunning the same command keeps the finished shards that still verify and converts the rest,
+with the same bytes as an uninterrupted run. ``--verify`` rereads every shard, index and .beton against
+the manifest (sizes, sha256, sample counts) and exits 1 naming the first bad file; a write failure
+(disk full, I/O error) also exits 1 naming the file; user errors exit 2.
 
 The output is a pure function of the input and the settings (same bytes on every run, whatever
 ``--workers``), so a converted dataset can be checked by its manifest's sha256 sums.
@@ -24,15 +37,18 @@ between runs; the manifest records each file's size and sha256.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import hashlib
 import io
+import json
 import os
 import re
 import signal
 import struct
 import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -49,15 +65,23 @@ from pipelines.formats import (
     FORMAT_VERSION,
     MANIFEST,
     SPLITS,
+    DatasetFormatError,
     ShardWriter,
+    atomic_write_bytes,
     beton_name,
+    iter_samples,
+    load_manifest,
+    sha256_file,
     write_manifest,
 )
 
 PROG = "fastssl-convert"
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})  # compared lower-cased
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})  # compared lower-cased
 DEFAULT_MAX_SIDE = 512
 DEFAULT_QUALITY = 95
+# Decompression-bomb guard: a file declaring more pixels is skipped before any decode. Pillow's own
+# error threshold (2 x Image.MAX_IMAGE_PIXELS), which also applies to larger caps.
+DEFAULT_MAX_PIXELS = 178_956_970
 DEFAULT_SHARD_SIZE = 10_000  # Fashion-MNIST: 6 train shards + 1 val shard, enough to spread over ranks
 FORMATS = ("wds", "ffcv")  # wds: the shards every backend's manifest points at; ffcv: plus <split>.beton
 DEFAULT_FFCV_MAX_SIDE = 512
@@ -73,10 +97,16 @@ FASHION_MNIST_CLASSES = (
 )  # fmt: skip
 _FASHION_MNIST_FILES = {"train": "train", "val": "t10k"}  # our split -> file prefix of the IDX files
 
+# Progress journal of an unfinished conversion (hidden; removed once manifest.json is written): the
+# shards finished so far with their sha256, so a rerun after a kill keeps them instead of re-encoding.
+JOURNAL = ".fastssl-convert-progress.json"
+
 # Files this tool writes into DST; anything else there is left alone.
 _SPLIT_ALTERNATIVES = "|".join(SPLITS)
 _OUTPUT_FILE = re.compile(rf"(?:{_SPLIT_ALTERNATIVES})(?:-\d{{5}}\.(?:tar|idx)|\.beton)")
-_OUTPUT_TEMP = re.compile(rf"\.(?:{_SPLIT_ALTERNATIVES})(?:-\d{{5}}\.(?:tar|idx)|\.beton)\..*tmp")
+_OUTPUT_TEMP = re.compile(
+    rf"\.(?:(?:{_SPLIT_ALTERNATIVES})(?:-\d{{5}}\.(?:tar|idx)|\.beton)|{re.escape(JOURNAL)})\..*tmp"
+)
 
 # EXIF orientation -> the transpose that makes the pixels upright (tag 0x0112).
 _EXIF_ORIENTATION = 0x0112
@@ -99,26 +129,55 @@ _Result = tuple[bytes | None, str]
 class ConvertError(Exception):
     """A user error (bad SRC, DST already converted, bad option): main() prints it without a traceback."""
 
+    exit_code = 2
+
+
+class OutputError(ConvertError):
+    """Writing DST failed (disk full, I/O error): the message names the file; exit status 1."""
+
+    exit_code = 1
+
+
+class VerifyError(ConvertError):
+    """``--verify`` found a file that disagrees with the manifest; the message names it; exit status 1."""
+
+    exit_code = 1
+
 
 # --------------------------------------------------------------------------------------------------
 # Per-sample work, run in worker processes (module-level functions so they pickle by name).
 
 
-def encode_image_bytes(data: bytes, max_side: int, quality: int) -> _Result:
+def encode_image_bytes(data: bytes, max_side: int, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> _Result:
     """Turn the bytes of one image file into the JPEG to store.
 
     Returns ``(jpeg, how)`` with ``how`` in {"kept", "reencoded", "resized"}, or ``(None, reason)`` when
-    the bytes are not a decodable image. Never raises for bad input.
+    the bytes are not a decodable image or declare more than ``max_pixels`` pixels. Never raises for bad input.
     """
+    if not data:
+        return None, "empty file (0 bytes)"
     try:
-        im = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            # Sizes between Pillow's warning and error thresholds are checked against max_pixels below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        return None, f"too many pixels (possible decompression bomb): {e}"
     except UnidentifiedImageError:
         # PIL's message names the BytesIO object by address; keep reasons deterministic.
         return None, "not an image (no image format recognised)"
     except Exception as e:  # any decoder failure means "skip this file"
         return None, f"cannot read image header: {type(e).__name__}: {e}"
+    width, height = im.size
+    if width * height > max_pixels:
+        im.close()
+        return None, (
+            f"too many pixels (possible decompression bomb): {width} x {height} = {width * height:,d} "
+            f"> --max-pixels {max_pixels:,d}"
+        )
     try:
-        with im:
+        with im, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return _encode_opened(im, data, max_side, quality)
     except Exception as e:  # idem: never let one bad file stop the run
         return None, f"cannot decode: {type(e).__name__}: {e}"
@@ -181,16 +240,22 @@ def _jpeg(im: Image.Image, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _encode_files(paths: Sequence[str], max_side: int, quality: int) -> list[_Result]:
+def _read_source(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _encode_files(
+    paths: Sequence[str], max_side: int, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> list[_Result]:
     out: list[_Result] = []
     for path in paths:
         try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
+            data = _read_source(path)
+        except OSError as e:  # permission denied, symlink loop, vanished, I/O error: skip, named
             out.append((None, f"cannot read file: {e.strerror or e}"))
             continue
-        out.append(encode_image_bytes(data, max_side, quality))
+        out.append(encode_image_bytes(data, max_side, quality, max_pixels))
     return out
 
 
@@ -221,6 +286,7 @@ class _Source:
     classes: list[str]
     splits: list[_SplitPlan]
     info: dict = field(default_factory=dict)
+    problems: list[dict] = field(default_factory=list)  # found while scanning: reported like skipped files
 
 
 def mixed_order(labels: Sequence[int], names: Sequence[str], seed: int) -> list[int]:
@@ -254,8 +320,58 @@ def _apply_order(names: list[str], labels: list[int], seed: int, limit: int | No
     return order
 
 
-def _scan_imagefolder(src: Path) -> tuple[dict[str, list[tuple[str, str]]], str, int]:
-    """Find image files per split: ``{split: [(relative posix path, class name)]}``, layout, ignored count."""
+def _walk_images(top: str, src: Path, problems: list[tuple[str, str]], ignored: list[int]) -> Iterator[str]:
+    """Relative posix paths of the image files under ``top``, sorted, following symlinks.
+
+    Directory symlinks are followed but each real directory is entered once, so a symlink loop ends
+    (and is reported) instead of recursing until the path is too long. Unlistable folders are
+    reported, never fatal. ``problems`` receives ``(relative path, reason)``; ``ignored[0]`` counts the
+    other files.
+    """
+    seen: set[tuple[int, int]] = set()
+
+    def rel(path: str) -> str:
+        return Path(path).relative_to(src).as_posix()
+
+    def walk(folder: str) -> Iterator[str]:
+        try:
+            st = os.stat(folder)
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                problems.append((rel(folder) + "/", "symlink loop: folder already visited, not entered again"))
+                return
+            seen.add(key)
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            problems.append((rel(folder) + "/", f"cannot list folder: {e.strerror or e}"))
+            return
+        subdirs = []
+        for entry in entries:
+            # Hidden entries are editor/OS droppings (.DS_Store, macOS "._x.jpg" forks), not data.
+            if entry.name.startswith("."):
+                ignored[0] += 1
+                continue
+            try:
+                is_dir = entry.is_dir()  # follows symlinks; False for a dangling or looping link
+            except OSError:
+                is_dir = False
+            if is_dir:
+                subdirs.append(entry.path)
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                yield rel(entry.path)  # unreadable or looping files are reported when read
+            else:
+                ignored[0] += 1
+        for sub in subdirs:
+            yield from walk(sub)
+
+    # Files first, then sub-folders: the order os.walk gave before, so outputs stay the same.
+    return walk(top)
+
+
+def _scan_imagefolder(src: Path) -> tuple[dict[str, list[tuple[str, str]]], str, int, list[dict]]:
+    """Find image files per split: ``{split: [(relative posix path, class name)]}``, layout, ignored count,
+    and the problems found while scanning (``{"split", "path", "reason"}``: empty class folders,
+    symlink loops, unlistable folders)."""
     if (src / "train").is_dir():
         layout = "train/val"
         roots = {"train": src / "train"}
@@ -265,36 +381,49 @@ def _scan_imagefolder(src: Path) -> tuple[dict[str, list[tuple[str, str]]], str,
         layout = "flat"
         roots = {"train": src}
     found: dict[str, list[tuple[str, str]]] = {}
+    problems: list[dict] = []
     ignored = 0
     for split, root in roots.items():
         files: list[tuple[str, str]] = []
-        for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        try:
+            entries = sorted(os.scandir(root), key=lambda e: e.name)
+        except OSError as e:
+            raise ConvertError(f"{root}: cannot list ({e.strerror or e})") from e
+        for entry in entries:
             if entry.name.startswith("."):
                 continue
-            if not entry.is_dir():
+            try:
+                is_dir = entry.is_dir()
+            except OSError:  # a symlink loop at the top: not a class folder
+                is_dir = False
+            if not is_dir:
                 ignored += 1  # files beside the class folders have no class
                 continue
-            for dirpath, dirnames, filenames in os.walk(entry.path, followlinks=True):
-                # Hidden entries are editor/OS droppings (.DS_Store, macOS "._x.jpg" forks), not data.
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                for fname in sorted(filenames):
-                    if fname.startswith(".") or os.path.splitext(fname)[1].lower() not in IMAGE_EXTENSIONS:
-                        ignored += 1
-                        continue
-                    rel = Path(dirpath, fname).relative_to(src).as_posix()
-                    files.append((rel, entry.name))
+            found_here: list[tuple[str, str]] = []
+            folder_problems: list[tuple[str, str]] = []
+            counter = [0]
+            for rel in _walk_images(entry.path, src, folder_problems, counter):
+                found_here.append((rel, entry.name))
+            ignored += counter[0]
+            problems += [{"split": split, "path": path, "reason": reason} for path, reason in folder_problems]
+            if not found_here:
+                problems.append({"split": split, "path": Path(entry.path).relative_to(src).as_posix() + "/",
+                                 "reason": "empty class folder: no image files; class left out"})
+            files += found_here
         found[split] = files
-    return found, layout, ignored
+    return found, layout, ignored, problems
 
 
-def _plan_imagefolder(src: Path, max_side: int, quality: int, seed: int, limits: dict[str, int | None]) -> _Source:
+def _plan_imagefolder(
+    src: Path, max_side: int, quality: int, seed: int, limits: dict[str, int | None], max_pixels: int
+) -> _Source:
     if not src.exists():
         raise ConvertError(
             f"{src}: no such file or directory (SRC is an ImageFolder tree or the name {FASHION_MNIST!r})"
         )
     if not src.is_dir():
         raise ConvertError(f"{src}: not a directory (SRC is an ImageFolder tree or the name {FASHION_MNIST!r})")
-    found, layout, ignored = _scan_imagefolder(src)
+    found, layout, ignored, problems = _scan_imagefolder(src)
     exts = "/".join(sorted(IMAGE_EXTENSIONS))
     train_root = src / "train" if layout == "train/val" else src
     if not found["train"]:
@@ -324,7 +453,7 @@ def _plan_imagefolder(src: Path, max_side: int, quality: int, seed: int, limits:
                 name=split,
                 names=names,
                 labels=labels,
-                encode=partial(_encode_files, max_side=max_side, quality=quality),
+                encode=partial(_encode_files, max_side=max_side, quality=quality, max_pixels=max_pixels),
                 payload=lambda a, b, paths=paths: paths[a:b],
                 chunk=16,
             )
@@ -332,7 +461,7 @@ def _plan_imagefolder(src: Path, max_side: int, quality: int, seed: int, limits:
     info = {"kind": "imagefolder", "path": str(src.resolve()), "layout": layout, "ignored_files": ignored}
     if notes:
         info["notes"] = notes
-    return _Source("imagefolder", classes, plans, info)
+    return _Source("imagefolder", classes, plans, info, problems)
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -419,10 +548,12 @@ def _plan_fashion_mnist(quality: int, seed: int, limits: dict[str, int | None]) 
 # Running the plan.
 
 
-def _ordered_results(plan: _SplitPlan, pool: ProcessPoolExecutor | None, workers: int) -> Iterator[_Result]:
-    """Results of every sample of ``plan`` in plan order; at most a few chunks in flight (bounded memory)."""
+def _ordered_results(
+    plan: _SplitPlan, pool: ProcessPoolExecutor | None, workers: int, start: int = 0
+) -> Iterator[_Result]:
+    """Results of the samples ``start:`` of ``plan`` in plan order; at most a few chunks in flight (bounded memory)."""
     n = len(plan.names)
-    starts = range(0, n, plan.chunk)
+    starts = range(start, n, plan.chunk)
     if pool is None:
         for a in starts:
             yield from plan.encode(plan.payload(a, min(a + plan.chunk, n)))
@@ -437,6 +568,60 @@ def _ordered_results(plan: _SplitPlan, pool: ProcessPoolExecutor | None, workers
         yield from pending.popleft().result()
 
 
+@dataclass
+class _Journal:
+    """The progress file of one conversion: after each finished shard, every split's finished shards.
+
+    Each entry: ``{"shard": ShardInfo fields, "stop": plan position after its last sample, "skipped": files
+    skipped since the previous shard, "class_counts": [...], "stored": {...}}``. A rerun with the same
+    fingerprint (source listing + settings) keeps the entries whose files still verify and resumes after them.
+    """
+
+    path: Path
+    fingerprint: str
+    splits: dict[str, list[dict]]
+    resumed: int = 0  # shards kept from an interrupted run
+
+    @classmethod
+    def open(cls, dst: Path, fingerprint: str) -> _Journal:
+        path = dst / JOURNAL
+        splits: dict[str, list[dict]] = {}
+        try:
+            data = json.loads(path.read_text())
+            if data.get("fingerprint") == fingerprint:
+                splits = data["splits"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # none, unreadable or from other settings: start afresh
+        return cls(path, fingerprint, splits)
+
+    def resumable(self, dst: Path, split: str) -> list[dict]:
+        """The leading entries of ``split`` whose shard and index still match their sha256 and size."""
+        kept = []
+        for entry in self.splits.get(split, []):
+            shard = entry["shard"]
+            tar = dst / shard["name"]
+            try:
+                ok = (tar.stat().st_size == shard["bytes"] and tar.with_suffix(".idx").is_file()
+                      and sha256_file(tar) == shard["sha256"])  # fmt: skip
+            except OSError:
+                ok = False
+            if not ok:
+                break  # later shards were numbered after this one: redo from here
+            kept.append(entry)
+        self.splits[split] = kept
+        self.resumed += len(kept)
+        return kept
+
+    def record(self, split: str, entry: dict) -> None:
+        self.splits.setdefault(split, []).append(entry)
+        state = {"fingerprint": self.fingerprint, "splits": self.splits}
+        atomic_write_bytes(self.path, json.dumps(state, sort_keys=True).encode())
+
+    def remove(self) -> None:
+        if self.path.exists():
+            self.path.unlink()
+
+
 def _convert_split(
     plan: _SplitPlan,
     dst: Path,
@@ -447,43 +632,74 @@ def _convert_split(
     pool: ProcessPoolExecutor | None,
     workers: int,
     progress: bool,
+    journal: _Journal,
 ) -> tuple[dict, list[dict]]:
     from tqdm import tqdm
 
-    shards: list[dict] = []
-    skipped: list[dict] = []
-    class_counts = [0] * num_classes
-    stats = {KEPT: 0, REENCODED: 0, RESIZED: 0}
-    key = first_key
+    done = journal.resumable(dst, plan.name)
+    shards: list[dict] = [dict(e["shard"]) for e in done]
+    skipped: list[dict] = [item for e in done for item in e["skipped"]]
+    class_counts = [sum(e["class_counts"][c] for e in done) for c in range(num_classes)]
+    stats = {how: sum(e["stored"][how] for e in done) for how in (KEPT, REENCODED, RESIZED)}
+    start = done[-1]["stop"] if done else 0
+    key = first_key + sum(s["count"] for s in shards)
+    # What the open shard holds, for its journal entry.
+    open_skipped: list[dict] = []
+    open_counts = [0] * num_classes
+    open_stats = dict.fromkeys(stats, 0)
     writer: ShardWriter | None = None
-    bar = tqdm(total=len(plan.names), desc=plan.name, unit="img", file=sys.stderr, disable=not progress, leave=True)
+    bar = tqdm(total=len(plan.names), initial=start, desc=plan.name, unit="img", file=sys.stderr,
+               disable=not progress, leave=True)  # fmt: skip
+
+    def close_shard(stop: int) -> None:
+        nonlocal writer, open_skipped, open_counts, open_stats
+        info = vars(writer.close())
+        writer = None
+        shards.append(info)
+        journal.record(plan.name, {"shard": info, "stop": stop, "skipped": open_skipped,
+                                   "class_counts": open_counts, "stored": open_stats})  # fmt: skip
+        open_skipped, open_counts, open_stats = [], [0] * num_classes, dict.fromkeys(stats, 0)
+
     try:
-        results = _ordered_results(plan, pool, workers)
-        for name, label, (jpeg, how) in zip(plan.names, plan.labels, results, strict=True):
+        results = _ordered_results(plan, pool, workers, start)
+        todo = zip(plan.names[start:], plan.labels[start:], results, strict=True)
+        for position, (name, label, (jpeg, how)) in enumerate(todo, start + 1):
             bar.update(1)
             if jpeg is None:
-                skipped.append({"split": plan.name, "path": name, "reason": how})
+                item = {"split": plan.name, "path": name, "reason": how}
+                skipped.append(item)
+                open_skipped.append(item)
                 continue
             if writer is None:
                 writer = ShardWriter(dst, plan.name, len(shards))
             writer.write(f"{key:08d}", jpeg, label)
             key += 1
             class_counts[label] += 1
+            open_counts[label] += 1
             stats[how] += 1
+            open_stats[how] += 1
             if writer.count >= shard_size:
-                shards.append(vars(writer.close()))
-                writer = None
+                close_shard(position)
         if writer is not None:
-            shards.append(vars(writer.close()))
-            writer = None
-    except BaseException:
+            close_shard(len(plan.names))
+    except BaseException as e:
+        target = writer.final if writer is not None else dst / JOURNAL
         if writer is not None:
-            writer.abort()
+            with contextlib.suppress(OSError):
+                writer.abort()
+        if isinstance(e, OSError):
+            raise _output_error(e, target) from e
         raise
     finally:
         bar.close()
     count = sum(s["count"] for s in shards)
     return {"count": count, "shards": shards, "class_counts": class_counts, "stored": stats}, skipped
+
+
+def _output_error(e: OSError, path: Path) -> OutputError:
+    """A write failure as a one-line error naming the file (the OS often names none, e.g. for ENOSPC)."""
+    name = e.filename if e.filename else path
+    return OutputError(f"{name}: cannot write: {e.strerror or e}")
 
 
 def _prepare_dst(dst: Path, overwrite: bool) -> None:
@@ -496,7 +712,11 @@ def _prepare_dst(dst: Path, overwrite: bool) -> None:
         # Drop the old manifest first: if this run dies half-way, no manifest points at a mix of
         # old and new shards, and loaders refuse the folder instead of reading it.
         manifest.unlink()
-    dst.mkdir(parents=True, exist_ok=True)
+        (dst / JOURNAL).unlink(missing_ok=True)  # a finished dataset has none; never resume into one
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _output_error(e, dst) from e
 
 
 def _remove_stale_outputs(dst: Path, keep: set[str]) -> None:
@@ -570,6 +790,7 @@ def convert(
     formats: str | Sequence[str] = ("wds",),
     ffcv_max_side: int = DEFAULT_FFCV_MAX_SIDE,
     ffcv_quality: int = DEFAULT_FFCV_QUALITY,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict:
     """Convert ``src`` (ImageFolder path or ``"fashion-mnist"``) into shards + ``manifest.json`` in ``dst``.
 
@@ -577,8 +798,12 @@ def convert(
     taken after class mixing so a subset still holds every class. ``workers`` <= 1 encodes in this
     process. ``formats`` ("wds" or "wds,ffcv"): with ffcv also ``<split>.beton`` per split (see the
     module docstring), its images' longer side at most ``ffcv_max_side``, JPEG quality ``ffcv_quality``.
+    ``max_pixels``: files declaring more pixels are skipped unread (decompression bombs).
+    A run that was killed resumes: shards finished before the kill that still match their sha256 are
+    kept, the rest is converted, and the result is byte-identical to an uninterrupted run.
     Returns the manifest as written. Raises ConvertError for user errors (nothing is
-    written to ``dst`` in that case, except on a failure after conversion started).
+    written to ``dst`` in that case, except on a failure after conversion started) and OutputError
+    (a ConvertError) naming the file when writing fails.
     """
     if max_side < 1:
         raise ConvertError(f"--max-side must be >= 1, got {max_side}")
@@ -586,6 +811,8 @@ def convert(
         raise ConvertError(f"--quality must be in 1..100, got {quality}")
     if shard_size < 1:
         raise ConvertError(f"--shard-size must be >= 1, got {shard_size}")
+    if max_pixels < 1:
+        raise ConvertError(f"--max-pixels must be >= 1, got {max_pixels}")
     formats = _parse_formats(formats)
     if not 1 <= ffcv_max_side <= FFCV_MAX_SIDE_LIMIT:
         raise ConvertError(f"--ffcv-max-side must be in 1..{FFCV_MAX_SIDE_LIMIT}, got {ffcv_max_side}")
@@ -602,8 +829,35 @@ def convert(
     if os.fspath(src) == FASHION_MNIST:
         source = _plan_fashion_mnist(quality, seed, limits)
     else:
-        source = _plan_imagefolder(Path(src), max_side, quality, seed, limits)
+        source = _plan_imagefolder(Path(src), max_side, quality, seed, limits, max_pixels)
     _prepare_dst(dst, overwrite)
+    settings = {
+        "max_side": max_side,
+        "quality": quality,
+        "shard_size": shard_size,
+        "seed": seed,
+        "limit": {k: v for k, v in limits.items() if v is not None} or None,
+        "formats": list(formats),
+        "max_pixels": max_pixels,
+    }
+    journal = _Journal.open(dst, _fingerprint(source, settings))
+    try:
+        return _convert_planned(source, src, dst, journal, settings, workers, progress, write_betons,
+                                ffcv_max_side, ffcv_quality)  # fmt: skip
+    except OSError as e:
+        raise _output_error(e, dst) from e
+
+
+def _fingerprint(source: _Source, settings: dict) -> str:
+    """sha256 of what decides the output: settings, source, and every split's sample list in order."""
+    h = hashlib.sha256(json.dumps({"settings": settings, "source": source.info}, sort_keys=True).encode())
+    for plan in source.splits:
+        h.update(json.dumps([plan.name, plan.names, plan.labels]).encode())
+    return h.hexdigest()
+
+
+def _convert_planned(source, src, dst, journal, settings, workers, progress, write_betons, ffcv_max_side,
+                     ffcv_quality) -> dict:  # fmt: skip
 
     splits: dict[str, dict] = {}
     skipped: list[dict] = []
@@ -620,10 +874,11 @@ def convert(
                 dst,
                 first_key=first_key,
                 num_classes=len(source.classes),
-                shard_size=shard_size,
+                shard_size=settings["shard_size"],
                 pool=pool,
                 workers=workers,
                 progress=progress,
+                journal=journal,
             )
             skipped += split_skipped
             first_key += split_manifest["count"]  # keys stay unique across splits
@@ -652,20 +907,75 @@ def convert(
         "classes": source.classes,
         "splits": splits,
         "source": source.info,
-        "settings": {
-            "max_side": max_side,
-            "quality": quality,
-            "shard_size": shard_size,
-            "seed": seed,
-            "limit": {k: v for k, v in limits.items() if v is not None} or None,
-            "formats": list(formats),
-        },
-        "skipped": skipped,
+        "settings": settings,
+        "skipped": source.problems + skipped,
     }
     if ffcv is not None:
         manifest["ffcv"] = ffcv
     write_manifest(dst, manifest)  # last and atomic: its presence means the dataset is complete
-    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, **manifest}
+    journal.remove()
+    out = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **manifest}
+    if journal.resumed:
+        out["resumed_shards"] = journal.resumed  # for the summary; not in manifest.json (same bytes as a clean run)
+    return out
+
+
+def verify(dst: str | os.PathLike) -> list[str]:
+    """Reread every shard, index and .beton of the converted dataset in ``dst`` against its manifest.
+
+    Checks each file's size and sha256, each shard's sample count and labels (by decoding the tar), each
+    DALI index's count and the per-split totals. Returns the names of the files checked; raises
+    VerifyError naming the first bad file.
+    """
+    dst = Path(dst)
+    try:
+        manifest = load_manifest(dst)
+    except DatasetFormatError as e:
+        raise VerifyError(str(e)) from e
+    num_classes = len(manifest["classes"])
+    checked = []
+
+    def check_file(path: Path, entry: dict) -> None:
+        if not path.is_file():
+            raise VerifyError(f"{path}: listed in the manifest but missing")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise VerifyError(f"{path}: {size} bytes, the manifest says {entry['bytes']}")
+        if sha256_file(path) != entry["sha256"]:
+            raise VerifyError(f"{path}: sha256 differs from the manifest's")
+
+    for split, s in manifest["splits"].items():
+        total = 0
+        for shard in s["shards"]:
+            path = dst / shard["name"]
+            check_file(path, shard)
+            try:
+                labels = [label for _, _, label in iter_samples(path)]
+            except Exception as e:  # tarfile.ReadError, DatasetFormatError, ...
+                raise VerifyError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
+            if len(labels) != shard["count"]:
+                raise VerifyError(f"{path}: {len(labels)} samples, the manifest says {shard['count']}")
+            if any(not 0 <= label < num_classes for label in labels):
+                raise VerifyError(f"{path}: label outside 0..{num_classes - 1}")
+            idx = path.with_suffix(".idx")
+            try:
+                header = idx.read_text().split("\n", 1)[0]
+            except OSError as e:
+                raise VerifyError(f"{idx}: unreadable ({e.strerror or e})") from e
+            if header != f"v1.2 {shard['count']}":
+                raise VerifyError(f"{idx}: header {header!r}, expected 'v1.2 {shard['count']}'")
+            checked += [path.name, idx.name]
+            total += len(labels)
+        if total != s["count"]:
+            raise VerifyError(f"{dst / MANIFEST}: {split}: shards hold {total} samples, count says {s['count']}")
+    for split, entry in manifest.get("ffcv", {}).get("files", {}).items():
+        path = dst / entry["name"]
+        check_file(path, entry)
+        if entry.get("count") != manifest["splits"].get(split, {}).get("count"):
+            raise VerifyError(f"{path}: {entry.get('count')} samples, the {split} shards hold "
+                              f"{manifest['splits'].get(split, {}).get('count')}")  # fmt: skip
+        checked.append(path.name)
+    return checked
 
 
 # --------------------------------------------------------------------------------------------------
@@ -675,6 +985,8 @@ def convert(
 def format_summary(manifest: dict, dst: str | os.PathLike, seconds: float, max_skipped: int = 50) -> str:
     """Human summary of a conversion: counts per split, what was re-encoded, skipped files, speed."""
     lines = [f"{PROG}: wrote {dst} ({len(manifest['classes'])} classes)"]
+    if manifest.get("resumed_shards"):
+        lines.append(f"  resumed: kept {manifest['resumed_shards']} finished shard(s) of an interrupted run")
     total = 0
     for split, s in manifest["splits"].items():
         total += s["count"]
@@ -686,7 +998,7 @@ def format_summary(manifest: dict, dst: str | os.PathLike, seconds: float, max_s
         )
     skipped = manifest.get("skipped", [])
     if skipped:
-        lines.append(f"  skipped {len(skipped)} file(s) that could not be decoded:")
+        lines.append(f"  skipped {len(skipped)} path(s) (not decodable, unreadable, empty folder, loop):")
         for item in skipped[:max_skipped]:
             lines.append(f"    {item['path']}: {item['reason']}")
         if len(skipped) > max_skipped:
@@ -729,7 +1041,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"ImageFolder tree (class folders, optionally under train/ and val/) or {FASHION_MNIST!r} "
         f"(a local folder of that name: write ./{FASHION_MNIST})",
     )
-    p.add_argument("dst", metavar="DST", help="output folder for manifest.json and the shards")
+    p.add_argument("dst", metavar="DST", nargs="?", help="output folder for manifest.json and the shards")
     p.add_argument(
         "--max-side",
         type=int,
@@ -772,7 +1084,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ffcv-quality", type=int, default=DEFAULT_FFCV_QUALITY, metavar="Q", help="JPEG quality in the .beton files"
     )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help="skip files declaring more pixels than this, unread (decompression bombs)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing converted dataset in DST")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="`--verify DST`: reread every shard and .beton and check counts and sha256 against the manifest "
+        "(exit 1 naming the bad file); with SRC DST: convert, then verify",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -781,7 +1106,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fastssl-convert``; returns the exit status (2 for user errors)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.dst is None and not args.verify:
+        parser.error("the following arguments are required: DST")
     t0 = time.perf_counter()
+    if args.dst is None:  # --verify DST
+        try:
+            checked = verify(args.src)
+        except ConvertError as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return e.exit_code
+        print(f"{PROG}: verified {args.src}: {len(checked)} files match the manifest")
+        return 0
     try:
         manifest = convert(
             args.src,
@@ -797,14 +1132,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             formats=args.formats,
             ffcv_max_side=args.ffcv_max_side,
             ffcv_quality=args.ffcv_quality,
+            max_pixels=args.max_pixels,
         )
+        seconds = time.perf_counter() - t0
+        if args.verify:
+            verify(args.dst)
     except ConvertError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; {args.dst} has no manifest.json and is incomplete", file=sys.stderr)
+        print(f"{PROG}: interrupted; {args.dst} has no manifest.json and is incomplete "
+              "(rerun the same command to resume)", file=sys.stderr)  # fmt: skip
         return 130
-    print(format_summary(manifest, args.dst, time.perf_counter() - t0))
+    print(format_summary(manifest, args.dst, seconds))
+    if args.verify:
+        print(f"{PROG}: verified {args.dst}")
     return 0
 
 
