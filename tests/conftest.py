@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.formats import ShardWriter, write_manifest
+from pipelines import Batch, ViewSpec
+from pipelines.formats import ShardWriter, iter_samples, load_manifest, shard_paths, write_manifest
 
 # Triton decides at kernel definition (first import of a kernel module) whether it interprets; without a
 # GPU every test process must interpret, whichever test module happens to import fastssl first.
@@ -130,3 +131,23 @@ def mixed_mode_dataset(tmp_path_factory) -> Path:
         img = Image.fromarray(pix).resize((32, 32), Image.BICUBIC)
         samples.append((_jpeg(img.convert("L") if i % 2 == 0 else img), i % 2))
     return write_dataset(tmp_path_factory.mktemp("mixed"), ["gray", "rgb"], {"train": [samples]})
+
+
+# ---- helpers shared by the loader tests (torch, dali, ffcv) -------------------------------------------
+def dataset_labels(path, split: str = "train") -> list[int]:
+    """The labels of a converted split in stored order."""
+    manifest = load_manifest(path)
+    return [label for shard in shard_paths(path, split, manifest) for _, _, label in iter_samples(shard)]
+
+
+def plain_view(size: int, **kw) -> ViewSpec:
+    """Geometry only: no photometric op can fire."""
+    return ViewSpec(size, jitter_p=0, gray_p=0, blur_p=0, solarize_p=0, **kw)
+
+
+def assert_same_batches(a: list[Batch], b: list[Batch]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x.labels, y.labels)
+        for vx, vy in zip(x.views, y.views, strict=True):
+            assert torch.equal(vx, vy)

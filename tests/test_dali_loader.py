@@ -8,20 +8,14 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import RAMP_SIZE
+from conftest import RAMP_SIZE, assert_same_batches, dataset_labels, plain_view
 from scipy import stats
 
-from pipelines import Batch, MultiCropSpec, ViewSpec, build_loader
+from pipelines import MultiCropSpec, ViewSpec, build_loader
 from pipelines.dali_loader import DaliLoader
-from pipelines.formats import iter_samples, load_manifest, shard_paths
 from pipelines.torch_loader import sample_rrc
 
 pytest.importorskip("nvidia.dali")
-
-
-def _labels(path, split="train") -> list[int]:
-    manifest = load_manifest(path)
-    return [label for shard in shard_paths(path, split, manifest) for _, _, label in iter_samples(shard)]
 
 
 def _dali(path, spec, batch_size=8, **kw) -> DaliLoader:
@@ -31,19 +25,6 @@ def _dali(path, spec, batch_size=8, **kw) -> DaliLoader:
     return loader
 
 
-def _plain_view(size: int, **kw) -> ViewSpec:
-    """Geometry only: no photometric op can fire."""
-    return ViewSpec(size, jitter_p=0, gray_p=0, blur_p=0, solarize_p=0, **kw)
-
-
-def _assert_same_batches(a: list[Batch], b: list[Batch]) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert torch.equal(x.labels, y.labels)
-        for vx, vy in zip(x.views, y.views, strict=True):
-            assert torch.equal(vx, vy)
-
-
 # ---- the contract's Batch --------------------------------------------------------------------------
 @pytest.mark.parametrize("preset, sizes", [("byol", [32, 32]), ("swav", [32, 32] + [16] * 6)])
 def test_yields_the_contract_batch(tiny_dataset, preset, sizes):
@@ -51,7 +32,7 @@ def test_yields_the_contract_batch(tiny_dataset, preset, sizes):
     loader.set_epoch(1)
     batches = list(loader)
     assert len(batches) == len(loader) == 64 // 8
-    labels = _labels(tiny_dataset)
+    labels = dataset_labels(tiny_dataset)
     got = torch.cat([b.labels for b in batches])
     assert got.dtype == torch.int64 and got.tolist() == [labels[i] for i in loader.epoch_sample_ids(1)]
     for batch in batches:
@@ -63,7 +44,7 @@ def test_yields_the_contract_batch(tiny_dataset, preset, sizes):
 
 def test_crops_are_the_torch_backends_crops_normalized(tiny_dataset):
     """Same boxes and flips as the torch backend (one sampler, same seeds); only the resampling differs."""
-    spec = MultiCropSpec((_plain_view(32), _plain_view(16, scale=(0.05, 0.4))), mean=(0.5, 0.4, 0.3),
+    spec = MultiCropSpec((plain_view(32), plain_view(16, scale=(0.05, 0.4))), mean=(0.5, 0.4, 0.3),
                          std=(0.2, 0.25, 0.3))
     dali = list(_dali(tiny_dataset, spec, seed=7))
     ref = list(build_loader(tiny_dataset, spec, 8, backend="torch", num_workers=0, cache="none", seed=7))
@@ -113,7 +94,7 @@ def _ramp_boxes(path, view: ViewSpec, epochs: int) -> dict[str, np.ndarray]:
 
 
 def test_crop_area_and_aspect_follow_sample_rrc(ramp_dataset):
-    view = _plain_view(24, scale=(0.2, 0.9))
+    view = plain_view(24, scale=(0.2, 0.9))
     got = _ramp_boxes(ramp_dataset, view, epochs=40)
     assert len(got["w"]) == 40 * 8
     area = got["w"] * got["h"] / RAMP_SIZE**2
@@ -127,7 +108,7 @@ def test_crop_area_and_aspect_follow_sample_rrc(ramp_dataset):
 
 def test_flip_rate_is_the_specs(ramp_dataset):
     for flip_p in (0.5, 0.0):
-        flips = _ramp_boxes(ramp_dataset, _plain_view(16, scale=(0.3, 1.0), flip_p=flip_p), epochs=30)["flip"]
+        flips = _ramp_boxes(ramp_dataset, plain_view(16, scale=(0.3, 1.0), flip_p=flip_p), epochs=30)["flip"]
         n = len(flips)
         assert abs(flips.mean() - flip_p) < 5 * (0.25 / n) ** 0.5
 
@@ -142,7 +123,7 @@ def test_order_and_augmentation_are_a_pure_function_of_seed_and_epoch(tiny_gray_
     a.set_epoch(1)
     b.set_epoch(1)
     first = list(a)
-    _assert_same_batches(first, list(b))  # the number of DALI threads changes nothing
+    assert_same_batches(first, list(b))  # the number of DALI threads changes nothing
     a.set_epoch(2)
     assert not torch.equal(list(a)[0].views[0], first[0].views[0])
     other = _byol(tiny_gray_dataset, seed=4)
@@ -160,19 +141,19 @@ def test_resume_skips_exactly_the_consumed_batches(tiny_gray_dataset):
     consumed = [next(it) for _ in range(3)]
     state = interrupted.state_dict()
     assert state == {"epoch": 2, "batch": 3}
-    _assert_same_batches(consumed, expected[:3])
+    assert_same_batches(consumed, expected[:3])
 
     resumed = _byol(tiny_gray_dataset, seed=1)
     resumed.load_state_dict(state)
     resumed.set_epoch(2)
-    _assert_same_batches(list(resumed), expected[3:])
+    assert_same_batches(list(resumed), expected[3:])
     assert resumed.state_dict() == {"epoch": 3, "batch": 0}
 
 
 def test_two_ranks_read_disjoint_samples_and_yield_equal_batches(tiny_gray_dataset):
     loaders = [_byol(tiny_gray_dataset, rank=r, world_size=2, batch_size=4) for r in range(2)]
     assert len(loaders[0]) == len(loaders[1])
-    labels = _labels(tiny_gray_dataset)
+    labels = dataset_labels(tiny_gray_dataset)
     ids = [ld.epoch_sample_ids(0) for ld in loaders]
     assert not set(ids[0].tolist()) & set(ids[1].tolist())
     for ld, rank_ids in zip(loaders, ids, strict=True):
@@ -197,7 +178,7 @@ def test_dali_photometric_yields_normalized_views(tiny_dataset):
         assert vb.is_contiguous(memory_format=torch.channels_last) and torch.isfinite(vb).all()
         assert abs(vb.mean() - va.mean()) < 0.5 and 0.3 < vb.std() < 2.0  # same normalization scale
 
-    plain = MultiCropSpec((_plain_view(24),), mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    plain = MultiCropSpec((plain_view(24),), mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
     shared = next(iter(_dali(tiny_dataset, plain, seed=1))).views[0]
     dali = next(iter(DaliLoader(tiny_dataset, plain, 8, num_workers=1, seed=1, dali_photometric=True))).views[0]
     torch.testing.assert_close(dali, shared, atol=0.03, rtol=0)  # no op fires: only the normalization

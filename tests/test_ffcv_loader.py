@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import RAMP_SIZE
+from conftest import RAMP_SIZE, assert_same_batches, dataset_labels, plain_view
 from PIL import Image
 
 pytest.importorskip("ffcv")
@@ -19,15 +19,13 @@ from fastssl.config import load_config  # noqa: E402
 from fastssl.convert import convert, main  # noqa: E402
 from fastssl.engine.checkpoint import load_checkpoint  # noqa: E402
 from fastssl.engine.trainer import Trainer  # noqa: E402
-from pipelines import STREAM_CROP, Batch, MultiCropSpec, ViewSpec, _splitmix64, build_loader, derive_seed  # noqa: E402
+from pipelines import STREAM_CROP, MultiCropSpec, ViewSpec, _splitmix64, build_loader, derive_seed  # noqa: E402
 from pipelines.ffcv_loader import FfcvLoader, _mix64, crop_boxes, view_params, write_betons  # noqa: E402
 from pipelines.formats import (  # noqa: E402
     MANIFEST,
     DatasetFormatError,
-    iter_samples,
     load_manifest,
     sha256_file,
-    shard_paths,
     write_manifest,
 )
 from pipelines.spec import eval_view  # noqa: E402
@@ -58,11 +56,6 @@ def ffcv_ramp(ramp_dataset, tmp_path_factory) -> Path:
     return _with_betons(ramp_dataset, tmp_path_factory.mktemp("ffcv") / "ramp")
 
 
-def _labels(path, split="train") -> list[int]:
-    manifest = load_manifest(path)
-    return [label for shard in shard_paths(path, split, manifest) for _, _, label in iter_samples(shard)]
-
-
 def _ffcv(path, spec, batch_size=8, **kw) -> FfcvLoader:
     kw.setdefault("num_workers", 2)
     loader = build_loader(path, spec, batch_size, backend="ffcv", **kw)
@@ -70,21 +63,8 @@ def _ffcv(path, spec, batch_size=8, **kw) -> FfcvLoader:
     return loader
 
 
-def _plain_view(size: int, **kw) -> ViewSpec:
-    """Geometry only: no photometric op can fire."""
-    return ViewSpec(size, jitter_p=0, gray_p=0, blur_p=0, solarize_p=0, **kw)
-
-
 def _byol(path, **kw) -> FfcvLoader:
     return _ffcv(path, MultiCropSpec.preset("byol", global_size=16), **kw)
-
-
-def _assert_same_batches(a: list[Batch], b: list[Batch]) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert torch.equal(x.labels, y.labels)
-        for vx, vy in zip(x.views, y.views, strict=True):
-            assert torch.equal(vx, vy)
 
 
 # ---- the contract's Batch --------------------------------------------------------------------------
@@ -94,7 +74,7 @@ def test_yields_the_contract_batch(ffcv_tiny, preset, sizes):
     loader.set_epoch(1)
     batches = list(loader)
     assert len(batches) == len(loader) == 64 // 8
-    labels = _labels(ffcv_tiny)
+    labels = dataset_labels(ffcv_tiny)
     got = torch.cat([b.labels for b in batches])
     assert got.dtype == torch.int64 and got.tolist() == [labels[i] for i in loader.epoch_sample_ids(1)]
     for batch in batches:
@@ -133,7 +113,7 @@ def test_order_and_labels_are_the_torch_backends(ffcv_tiny):
 
 
 def test_ranks_read_disjoint_samples_that_cover_the_split(ffcv_tiny):
-    labels = {split: _labels(ffcv_tiny, split) for split in ("train", "val")}
+    labels = {split: dataset_labels(ffcv_tiny, split) for split in ("train", "val")}
     spec = MultiCropSpec.preset("byol", global_size=16)
     for split, total in (("train", 64), ("val", 32)):  # train: whole shards per rank; val: strided samples
         loaders = [_ffcv(ffcv_tiny, spec, 4, split=split, rank=r, world_size=2, seed=1) for r in range(2)]
@@ -157,13 +137,13 @@ def test_resume_mid_epoch_yields_the_remaining_batches_identically(ffcv_gray):
     consumed = [next(it) for _ in range(3)]
     state = interrupted.state_dict()
     assert state == {"epoch": 2, "batch": 3}
-    _assert_same_batches(consumed, expected[:3])
+    assert_same_batches(consumed, expected[:3])
     del it  # stops its prefetch thread
 
     resumed = _byol(ffcv_gray, seed=1)
     resumed.load_state_dict(state)
     resumed.set_epoch(2)
-    _assert_same_batches(list(resumed), expected[3:])
+    assert_same_batches(list(resumed), expected[3:])
     assert resumed.state_dict() == {"epoch": 3, "batch": 0}
 
 
@@ -173,7 +153,7 @@ def test_batches_do_not_depend_on_threads_or_prefetch_but_on_seed_and_epoch(ffcv
     a.set_epoch(1)
     b.set_epoch(1)
     first = list(a)
-    _assert_same_batches(first, list(b))
+    assert_same_batches(first, list(b))
     a.set_epoch(2)
     assert not torch.equal(list(a)[0].views[0], first[0].views[0])
 
@@ -241,7 +221,7 @@ def test_crop_sampler_is_sample_rrc_on_the_same_uniform_stream():
 def test_crops_are_the_sampled_boxes_resized_and_flipped(ffcv_ramp):
     """On the ramp image (red = x, green = y) each crop's slopes give its box's width and height in source
     pixels and its flip: they match the boxes the loader reports."""
-    view = _plain_view(24, scale=(0.2, 0.9))
+    view = plain_view(24, scale=(0.2, 0.9))
     loader = _ffcv(ffcv_ramp, MultiCropSpec((view,), mean=(0, 0, 0), std=(1, 1, 1)), seed=5)
     s = view.size
     cols = torch.arange(s, dtype=torch.float64) - (s - 1) / 2
@@ -295,7 +275,7 @@ def test_convert_writes_betons_listed_in_the_manifest_and_overwrite_removes_them
     loader = FfcvLoader(dst, MultiCropSpec((eval_view(16),)), 4, shuffle=False, drop_last=False)
     assert max(loader._heights.max(), loader._widths.max()) == 32  # shrunk to --ffcv-max-side
     batches = list(loader)
-    assert torch.cat([b.labels for b in batches]).tolist() == _labels(dst)
+    assert torch.cat([b.labels for b in batches]).tolist() == dataset_labels(dst)
     colours = torch.tensor(list(_COLOURS.values()), dtype=torch.float32) / 255
     mean, std = torch.tensor(loader.spec.mean), torch.tensor(loader.spec.std)
     for batch in batches:  # each crop is its class's colour: pixels, labels and order belong together

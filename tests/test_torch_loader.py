@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_same_batches, plain_view
 from PIL import Image
 from scipy import stats
 from torchvision.transforms import RandomResizedCrop
 
-from pipelines import Batch, MultiCropSpec, ViewSpec, build_loader
+from pipelines import Batch, MultiCropSpec, build_loader
 from pipelines.formats import iter_samples, load_manifest, shard_paths
 from pipelines.spec import eval_view
 from pipelines.torch_loader import (
@@ -37,19 +38,6 @@ def _split_samples(path, split) -> list[tuple[bytes, int]]:
 
 def _collect(loader) -> list[Batch]:
     return list(loader)
-
-
-def _assert_same_batches(a: list[Batch], b: list[Batch]) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert torch.equal(x.labels, y.labels)
-        for vx, vy in zip(x.views, y.views, strict=True):
-            assert torch.equal(vx, vy)
-
-
-def _plain_view(size: int, **kw) -> ViewSpec:
-    """Geometry only: no photometric op can fire."""
-    return ViewSpec(size, jitter_p=0, gray_p=0, blur_p=0, solarize_p=0, **kw)
 
 
 # ---- the crop sampler ----------------------------------------------------------------------------
@@ -245,7 +233,7 @@ def test_order_and_augmentation_are_a_pure_function_of_seed_and_epoch(tiny_gray_
     a.set_epoch(1)
     b.set_epoch(1)
     first = _collect(a)
-    _assert_same_batches(first, _collect(b))
+    assert_same_batches(first, _collect(b))
     a.set_epoch(2)
     assert not np.array_equal(a.epoch_sample_ids(1), a.epoch_sample_ids(2))
     assert not torch.equal(_collect(a)[0].views[0], first[0].views[0])
@@ -257,7 +245,7 @@ def test_order_and_augmentation_are_a_pure_function_of_seed_and_epoch(tiny_gray_
 def test_worker_processes_give_the_same_batches_as_in_process(tiny_gray_dataset):
     inproc = _collect(_byol_loader(tiny_gray_dataset, cache="none", num_workers=0))
     workers = _collect(_byol_loader(tiny_gray_dataset, cache="none", num_workers=2))
-    _assert_same_batches(inproc, workers)
+    assert_same_batches(inproc, workers)
 
 
 @pytest.mark.parametrize("cache", ["none", "ram"])
@@ -272,13 +260,13 @@ def test_resume_skips_exactly_the_consumed_batches(tiny_gray_dataset, cache):
     consumed = [next(it) for _ in range(3)]
     state = interrupted.state_dict()
     assert state == {"epoch": 2, "batch": 3}
-    _assert_same_batches(consumed, expected[:3])
+    assert_same_batches(consumed, expected[:3])
 
     resumed = _byol_loader(tiny_gray_dataset, seed=1, cache=cache)
     resumed.load_state_dict(state)
     resumed.set_epoch(2)  # a trainer's per-epoch call must not undo the resume
     assert resumed.state_dict() == state
-    _assert_same_batches(_collect(resumed), expected[3:])
+    assert_same_batches(_collect(resumed), expected[3:])
     assert resumed.state_dict() == {"epoch": 3, "batch": 0}
 
 
@@ -288,7 +276,7 @@ def test_epoch_bookkeeping(tiny_gray_dataset):
     first = _collect(loader)
     assert loader.state_dict() == {"epoch": 1, "batch": 0} and loader.epoch == 1  # advances by itself
     loader.set_epoch(0)
-    _assert_same_batches(_collect(loader), first)
+    assert_same_batches(_collect(loader), first)
     it = iter(loader)
     next(it)
     assert loader.state_dict() == {"epoch": 1, "batch": 1}
@@ -303,7 +291,7 @@ def test_epoch_bookkeeping(tiny_gray_dataset):
 # ---- the two crop paths draw from one distribution -------------------------------------------------
 def _ramp_crop_stats(path, cache, epochs=48) -> dict[str, np.ndarray]:
     """Per crop: centre x and y (the red / green ramps' mean), width (red span), and flip."""
-    spec = MultiCropSpec((_plain_view(16, scale=(0.08, 1.0)), _plain_view(8, scale=(0.05, 0.4))),
+    spec = MultiCropSpec((plain_view(16, scale=(0.08, 1.0)), plain_view(8, scale=(0.05, 0.4))),
                          mean=(0, 0, 0), std=(1, 1, 1))
     loader = build_loader(path, spec, 8, num_workers=0, cache=cache, seed=5)
     out: dict[str, list] = {k: [] for k in ("cx", "cy", "span", "flip")}
