@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetFormatError as e:
         parser.exit(2, f"fastssl/train.py: error: {e}\n")
     except TrainingInterrupted as e:  # SIGTERM / SIGINT: checkpoint written, every rank stopped at the same step
+        if e.signals is not None:  # prints the resume hint on rank 0, unless a late signal already did
+            e.signals.report()
+            parser.exit(e.exit_code)
         parser.exit(e.exit_code, f"fastssl/train.py: {e}\n" if main_rank else None)
     except TrainingDiverged as e:
         parser.exit(1, f"fastssl/train.py: error: {e}\n" if main_rank else None)

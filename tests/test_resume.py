@@ -327,6 +327,31 @@ def test_a_second_signal_exits_at_once(tmp_path):
     assert "SIGINT again: exiting now, without a checkpoint" in proc.stderr
 
 
+_FINISHED_SCRIPT = """
+import os, signal, sys, time
+from fastssl.engine.distributed import StopSignals
+stop = StopSignals(announce=False)
+stop.install()
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.2)
+stop.finish("resume hint\\n")
+if sys.argv[1] == "report":
+    stop.report()
+os.kill(os.getpid(), signal.SIGINT)  # torchrun's signal to a rank that is already exiting
+time.sleep(10)
+print("still running", flush=True)
+"""
+
+
+@pytest.mark.parametrize("reported", [False, True])
+def test_a_signal_after_the_checkpoint_exits_with_the_first_signals_status_and_one_hint(tmp_path, reported):
+    proc = subprocess.run([sys.executable, "-c", _FINISHED_SCRIPT, "report" if reported else "-"], env=_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr  # the stop's status, not the late signal's
+    assert proc.stdout == "" and proc.stderr.count("resume hint") == 1, proc.stderr
+    assert "without a checkpoint" not in proc.stderr
+
+
 # ------------------------------------------------------------------------------------------ world sizes
 def test_signal_to_one_rank_stops_both_at_one_step_and_one_rank_resumes(tiny_gray_dataset, tmp_path):
     """SIGTERM to rank 1 only: both ranks stop after the same step and rank 0 writes its checkpoint; one process

@@ -106,6 +106,10 @@ class StopSignals:
     signal within ``repeat_window_s`` of the first counts as the same request: a scheduler (scancel, a
     preemption) may signal every process of a job while torchrun forwards its own copy to its workers.
     Handlers are only installed from the main thread (Python's rule); ``restore()`` puts the previous ones back.
+
+    Once the checkpoint is written, ``finish(message)`` keeps the handlers until the process ends: a signal that
+    arrives while it exits (torchrun sends SIGTERM to every worker as soon as one has exited) then ends it at
+    once with the same status (128 + the first signal), printing ``message`` if ``report()`` has not yet.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -116,6 +120,8 @@ class StopSignals:
         self.repeat_window_s = repeat_window_s
         self._first_at = 0.0
         self._previous: dict[int, Any] = {}
+        self._finished = False
+        self._message = ""
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -128,7 +134,25 @@ class StopSignals:
             signal.signal(sig, handler)
         self._previous.clear()
 
+    def finish(self, message: str = "") -> None:
+        """The stop is done (checkpoint written): from now on any signal exits with status 128 + ``signum``."""
+        self._message, self._finished = message, True
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def report(self) -> None:
+        """Print the ``finish`` message once (whichever comes first: the normal exit or a late signal)."""
+        message, self._message = self._message, ""
+        if message:
+            sys.stderr.write(message)
+            sys.stderr.flush()
+
     def _handle(self, signum: int, frame) -> None:
+        if self._finished:
+            self.report()
+            os._exit(128 + (self.signum or signum))
         now = time.monotonic()
         if self.signum is None:
             self.signum, self._first_at = signum, now

@@ -348,9 +348,14 @@ class Trainer:
                 self.save()
             if self._stop_signum:
                 self.save()
-                raise TrainingInterrupted(self._stop_signum, self.step, self.checkpoints.path_for(self.step))
+                stopped = TrainingInterrupted(self._stop_signum, self.step, self.checkpoints.path_for(self.step),
+                                              self.stop_signals)
+                # Keep the handlers to the end: a peer's exit makes torchrun signal this rank while it exits.
+                self.stop_signals.finish(f"fastssl/train.py: {stopped}\n" if main else "")
+                raise stopped
         finally:
-            self.stop_signals.restore()
+            if not self.stop_signals.finished:
+                self.stop_signals.restore()
             bar.close()
             if metrics is not None:
                 metrics.close()
@@ -457,8 +462,8 @@ class Trainer:
 class TrainingInterrupted(Exception):
     """SIGTERM or SIGINT: every rank finished the same step and its checkpoint is written."""
 
-    def __init__(self, signum: int, step: int, path: Path):
-        self.signum, self.step, self.path = signum, step, path
+    def __init__(self, signum: int, step: int, path: Path, signals: distributed.StopSignals | None = None):
+        self.signum, self.step, self.path, self.signals = signum, step, path, signals
         try:
             name = signal.Signals(signum).name
         except ValueError:
