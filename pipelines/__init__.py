@@ -258,6 +258,7 @@ def build_loader(
     drop_last: bool | None = None,
     shuffle: bool | None = None,
     cache: str = "auto",
+    decode: str = "host",
     augment: bool | None = None,
 ) -> Loader:
     """A loader over ``split`` of the converted dataset at ``path`` for this rank.
@@ -268,7 +269,8 @@ def build_loader(
     shuffle / drop_last: default True when training with augmentation, False otherwise.
     backend: "torch", "dali", "ffcv" or "auto" (dali on CUDA when installed, else torch).
     num_workers: decode processes (backend-specific default). cache: torch backend only,
-      "auto" | "ram" | "none" (see pipelines.torch_loader).
+      "auto" | "ram" | "none" (see pipelines.torch_loader). decode: torch backend only, "host" (PIL in the
+      workers) or "device" (the workers read bytes; torchvision decodes on the device: nvJPEG on CUDA).
     The loader yields ``Batch``; see ``Loader`` for sharding, order and resume.
     """
     if isinstance(spec, str):
@@ -285,8 +287,12 @@ def build_loader(
     name = _resolve_backend(backend, device)
     module, cls_name, _, _ = _BACKENDS[name]
     cls = getattr(importlib.import_module(module), cls_name)
-    options = {"cache": cache} if name == "torch" else {}
+    options = {"cache": "none" if decode == "device" and cache == "auto" else cache, "decode": decode} \
+        if name == "torch" else {}
     if name != "torch" and cache not in ("auto", "none"):
         raise ValueError(f"cache={cache!r} is a torch-backend option; backend {name!r} has its own caching")
+    if name != "torch" and decode != "host":
+        raise ValueError(f"decode={decode!r} is a torch-backend option; backend {name!r} decodes its own way "
+                         "(dali: nvJPEG on the GPU)")
     return cls(path, spec, batch_size, split=split, rank=rank, world_size=world_size, device=device, seed=seed,
                shuffle=shuffle, drop_last=drop_last, num_workers=num_workers, **options)

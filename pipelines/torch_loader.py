@@ -7,6 +7,13 @@ Two modes, both drawing crops from torchvision's ``RandomResizedCrop`` distribut
   flip, writing uint8 (S, S, C) crops into the batch; batches travel as (B, S, S, C), which viewed
   as (B, C, S, S) is already channels-last (C = 1 for an all-gray batch, else 3), and the main
   process runs the photometric stage on the device.
+* device decoding (``decode="device"``, with ``cache="none"``): workers only read each JPEG's bytes and
+  its header (for the image size, so the crop boxes are drawn there, exactly as above); the main process
+  decodes the batch in one ``torchvision.io.decode_jpeg`` call on the training device (nvJPEG on CUDA),
+  crops + resizes every view with ``torchvision.ops.roi_align`` (bilinear; ``sampling_ratio=-1`` averages
+  ceil(crop / view) samples per output pixel, so shrinking crops are antialiased), flips, and runs the
+  photometric stage, in a background thread on its own CUDA stream, one batch ahead of the training step.
+  This is the path for a GPU machine without DALI: the CPU cost per image drops to a read.
 * RAM cache (``cache="ram"``): for small datasets whose images share one size (MNIST/CIFAR-like) the
   rank's images are decoded once at construction into a uint8 (N, C, H, W) tensor on the device
   (C = 1 for grayscale data); each batch's crops are one ``grid_sample`` (bilinear) per view over
@@ -20,13 +27,16 @@ aliases where PIL would average. The RAM cache targets tiny images, where crops 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import math
 import os
 import random
+import queue
 import struct
 import tarfile
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -226,8 +236,8 @@ class _CropDataset(Dataset):
     (seed, epoch, global sample id), a pure function of those keys."""
 
     def __init__(self, spec: MultiCropSpec, seed: int, sample_ids: np.ndarray, shard_files: list[str],
-                 shard_of: np.ndarray, index: np.ndarray):
-        self.spec, self.seed = spec, seed
+                 shard_of: np.ndarray, index: np.ndarray, raw: bool = False):
+        self.spec, self.seed, self.raw = spec, seed, raw
         self.sample_ids, self.shard_files, self.shard_of, self.index = sample_ids, shard_files, shard_of, index
         self._fds: dict[int, int] = {}
         self._pid = -1
@@ -247,9 +257,41 @@ class _CropDataset(Dataset):
         label = int(raw.decode()) if ascii_label else struct.unpack("<i", raw)[0]
         return os.pread(fd, jpg_size, jpg_off), label
 
-    def __getitems__(self, keys: list[tuple[int, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def _boxes(self, pos: int, epoch: int, h: int, w: int) -> Iterator[tuple[int, int, int, int, bool]]:
+        """Each view's crop box (top, left, height, width) and flip for sample ``pos``: a pure function of
+        (seed, epoch, sample id), the same in both decode modes."""
+        rng = random.Random(derive_seed(self.seed, epoch, int(self.sample_ids[pos]), STREAM_CROP))
+        for view in self.spec.views:
+            box = sample_rrc(h, w, view.scale, view.ratio, rng)
+            yield (*box, rng.random() < view.flip_p)
+
+    def _raw_items(self, keys: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                  torch.Tensor]:
+        """decode="device": no decoding here. The batch's JPEGs as one uint8 buffer and their int64 (B + 1,)
+        offsets; int64 (B, V, 5) boxes + flip (top, left, height, width, flip), from the JPEG header's size;
+        labels int64 (B,)."""
+        jpegs, labels = [], np.empty(len(keys), dtype=np.int64)
+        boxes = np.empty((len(keys), len(self.spec.views), 5), dtype=np.int64)
+        for i, (pos, epoch) in enumerate(keys):
+            jpeg, labels[i] = self._read(pos)
+            try:
+                w, h = Image.open(io.BytesIO(jpeg)).size  # parses the header only
+            except Exception as e:  # noqa: BLE001 - any parse failure is the same data error
+                raise DatasetFormatError(f"{self.shard_files[int(self.shard_of[pos])]}: sample "
+                                         f"{int(self.sample_ids[pos])} is not a readable JPEG ({e}); rerun "
+                                         "fastssl-convert") from e
+            boxes[i] = list(self._boxes(pos, epoch, h, w))
+            jpegs.append(jpeg)
+        offsets = np.zeros(len(jpegs) + 1, dtype=np.int64)
+        np.cumsum([len(j) for j in jpegs], out=offsets[1:])
+        data = torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8)
+        return data, torch.from_numpy(offsets), torch.from_numpy(boxes), torch.from_numpy(labels)
+
+    def __getitems__(self, keys: list[tuple[int, int]]):
         """A batch: per view uint8 (B, S, S, C) crops, C = 1 when every image is gray (the photometric
-        stage then does a third of the work) else 3; labels int64 (B,)."""
+        stage then does a third of the work) else 3; labels int64 (B,). With ``raw``: ``_raw_items``."""
+        if self.raw:
+            return self._raw_items(keys)
         views = self.spec.views
         channels = 1
         out = [np.empty((len(keys), v.size, v.size, channels), dtype=np.uint8) for v in views]
@@ -260,10 +302,8 @@ class _CropDataset(Dataset):
             if img.mode == "RGB" and channels == 1:  # first colour image: widen the batch once
                 channels = 3
                 out = [np.repeat(o, 3, axis=3) for o in out]
-            rng = random.Random(derive_seed(self.seed, epoch, int(self.sample_ids[pos]), STREAM_CROP))
-            for v, view in enumerate(views):
-                top, left, ch, cw = sample_rrc(img.height, img.width, view.scale, view.ratio, rng)
-                flip = rng.random() < view.flip_p
+            for v, (view, (top, left, ch, cw, flip)) in enumerate(
+                    zip(views, self._boxes(pos, epoch, img.height, img.width), strict=True)):
                 crop = np.asarray(
                     img.resize((view.size, view.size), Image.BILINEAR, box=(left, top, left + cw, top + ch))
                 )
@@ -273,7 +313,9 @@ class _CropDataset(Dataset):
         return [torch.from_numpy(o) for o in out], torch.from_numpy(labels)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], int]:
-        """One sample: per-view (S, S, C) uint8 tensors and the label."""
+        """One sample: per-view (S, S, C) uint8 tensors and the label (host decoding)."""
+        if self.raw:
+            raise TypeError("a raw (decode='device') dataset serves whole batches only (__getitems__)")
         crops, labels = self.__getitems__([key])
         return [c[0] for c in crops], int(labels[0])
 
@@ -313,7 +355,8 @@ def default_num_workers() -> int:
 
 class TorchLoader(Loader):
     """torchvision/PIL backend; see the module docstring. Arguments as ``pipelines.build_loader``, plus
-    ``cache_budget`` (bytes for cache="auto") and ``progress`` (a tqdm bar while filling the RAM cache)."""
+    ``decode`` ("host": PIL in the workers; "device": see the module docstring), ``cache_budget`` (bytes for
+    cache="auto") and ``progress`` (a tqdm bar while filling the RAM cache)."""
 
     def __init__(
         self,
@@ -330,11 +373,18 @@ class TorchLoader(Loader):
         drop_last: bool = True,
         num_workers: int | None = None,
         cache: str = "auto",
+        decode: str = "host",
         cache_budget: int = RAM_CACHE_BUDGET,
         progress: bool = True,
     ):
         if cache not in ("auto", "ram", "none"):
             raise ValueError(f"cache must be 'auto', 'ram' or 'none', got {cache!r}")
+        if decode not in ("host", "device"):
+            raise ValueError(f"decode must be 'host' or 'device', got {decode!r}")
+        if decode == "device" and cache == "ram":
+            raise ValueError("decode='device' decodes every batch on the device; it excludes cache='ram' "
+                             "(the RAM cache decodes once up front): use cache='none'")
+        self.decode = decode
         self.path = Path(path)
         manifest = load_manifest(self.path)
         self.shard_files = [str(p) for p in shard_paths(self.path, split, manifest)]
@@ -343,7 +393,7 @@ class TorchLoader(Loader):
         self.split = split
         self.num_workers = default_num_workers() if num_workers is None else int(num_workers)
         self.mode = "workers"
-        if cache != "none":
+        if cache != "none" and decode == "host":
             why_not = self._fill_cache(cache_budget if cache == "auto" else None, progress)
             if why_not is None:
                 self.mode = "ram"
@@ -441,7 +491,8 @@ class TorchLoader(Loader):
         for s in self.shards:
             mine = shard_of == s
             table[mine] = index[s][self.sample_ids[mine] - self.offsets[s]]
-        self.dataset = _CropDataset(self.spec, self.seed, self.sample_ids, self.shard_files, shard_of, table)
+        self.dataset = _CropDataset(self.spec, self.seed, self.sample_ids, self.shard_files, shard_of, table,
+                                    raw=self.decode == "device")
         self._sampler = _PlanSampler()
         workers = self.num_workers
         self._dl = DataLoader(
@@ -457,7 +508,116 @@ class TorchLoader(Loader):
                 yield self._ram_batch(batches[b], epoch, b)
             return
         self._sampler.batches = [[(int(p), epoch) for p in pos] for pos in batches[start:]]
+        if self.decode == "device":
+            batches = (self._device_batch(*raw, epoch, b) for b, raw in enumerate(self._dl, start=start))
+            yield from prefetch(batches, self.device)
+            return
         for b, (crops, labels) in enumerate(self._dl, start=start):
             # (B, S, S, C) -> (B, C, S, S) channels-last view, no copy
             crops = [c.to(self.device, non_blocking=True).permute(0, 3, 1, 2) for c in crops]
             yield Batch(self.photometric(crops, epoch, b), labels.to(self.device, non_blocking=True))
+
+    # ---- device decoding ---------------------------------------------------------------------
+    def _view_groups(self) -> list[tuple[int, list[int]]]:
+        """(size, view indices) for each view size, in spec order: one roi_align per image and size."""
+        groups: dict[int, list[int]] = {}
+        for i, view in enumerate(self.spec.views):
+            groups.setdefault(view.size, []).append(i)
+        return list(groups.items())
+
+    def _device_batch(self, data: torch.Tensor, offsets: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
+                      epoch: int, b: int) -> Batch:
+        """One batch from ``_CropDataset._raw_items``: decode on the device, crop + resize + flip, photometric."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+        from torchvision.ops import roi_align
+
+        dev = self.device
+        bounds = offsets.tolist()
+        jpegs = [data[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
+        images = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=dev)  # list of uint8 (3, H, W)
+        top, left, ch, cw, flip = boxes.unbind(-1)
+        # roi_align(aligned=True) boxes are (x1, y1, x2, y2) in pixel-edge coordinates, the PIL box convention
+        rois = torch.stack([left, top, left + cw, top + ch], dim=-1).float().to(dev, non_blocking=True)
+        flips = flip.bool().to(dev, non_blocking=True)
+        crops: list[torch.Tensor | None] = [None] * len(self.spec.views)
+        floats = [img.float() for img in images]
+        for size, idx in self._view_groups():
+            sel = slice(idx[0], idx[-1] + 1) if idx == list(range(idx[0], idx[-1] + 1)) else idx
+            out = torch.stack([roi_align(img[None], [rois[i, sel]], size, 1.0, -1, True)
+                               for i, img in enumerate(floats)])  # (B, views of this size, 3, S, S)
+            f = flips[:, sel, None, None, None]
+            out = torch.where(f, out.flip(-1), out).mul_(1.0 / 255.0)
+            for k, v in enumerate(idx):
+                crops[v] = out[:, k]
+        return Batch(self.photometric(crops, epoch, b), labels.to(dev, non_blocking=True))
+
+
+_DONE = object()
+
+
+def prefetch(items: Iterator, device: torch.device, depth: int = 2) -> Iterator:
+    """Run the iterator ``items`` in a background thread, ``depth`` items ahead of the consumer.
+
+    On CUDA the thread works on its own stream: the consumer's stream waits for an item's work (an event) and
+    its tensors are recorded on the consumer's stream, so the caching allocator does not reuse their memory
+    early. An exception in the thread is raised in the consumer; closing the consumer early stops the thread.
+    """
+    cuda = device.type == "cuda"
+    stream = torch.cuda.Stream(device) if cuda else None
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                for item in items:
+                    event = None
+                    if cuda:
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                    if not put((item, event)):
+                        break
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            put((e, _DONE))
+            return
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+        put((_DONE, None))
+
+    thread = threading.Thread(target=work, name="fastssl-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, event = q.get()
+            if event is _DONE:
+                raise item
+            if item is _DONE:
+                return
+            if cuda:
+                current = torch.cuda.current_stream(device)
+                current.wait_event(event)
+                for t in _tensors(item):
+                    t.record_stream(current)
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _tensors(item) -> Iterator[torch.Tensor]:
+    if isinstance(item, torch.Tensor):
+        yield item
+    elif isinstance(item, (list, tuple)):
+        for x in item:
+            yield from _tensors(x)

@@ -49,7 +49,8 @@ def _backend_params() -> list:
     """(backend, build_loader options) for every registered backend; torch in both of its modes."""
     params = []
     for name in pipelines._BACKENDS:
-        variants = ([("torch-workers", {"cache": "none", "num_workers": 0}), ("torch-ram", {"cache": "ram"})]
+        variants = ([("torch-workers", {"cache": "none", "num_workers": 0}), ("torch-ram", {"cache": "ram"}),
+                     ("torch-device-decode", {"cache": "none", "decode": "device", "num_workers": 0})]
                     if name == "torch" else [(name, {"num_workers": 1})])
         why = _unavailable(name)
         for ident, options in variants:

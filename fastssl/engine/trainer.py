@@ -102,7 +102,7 @@ class Trainer:
         self.loader = pipelines.build_loader(
             cfg.data.path, self.spec, cfg.train.batch_size // d.world_size, split="train", rank=d.rank,
             world_size=d.world_size, device=self.device, seed=cfg.train.seed, backend=cfg.data.backend,
-            num_workers=cfg.data.num_workers, cache=cfg.data.cache,
+            num_workers=cfg.data.num_workers, cache=cfg.data.cache, decode=cfg.data.decode,
         )
         # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
         torch.manual_seed(cfg.train.seed)
@@ -432,7 +432,8 @@ class Trainer:
             self._eval_loader_cache = {
                 split: pipelines.build_loader(
                     cfg.data.path, spec, cfg.eval.batch_size, split=split, device=self.device, backend="torch",
-                    num_workers=cfg.data.num_workers, cache=cfg.data.cache, shuffle=False, drop_last=False,
+                    num_workers=cfg.data.num_workers, cache=cfg.data.cache, decode=cfg.data.decode, shuffle=False,
+                    drop_last=False,
                 )
                 for split in ("train", "val")
             }
