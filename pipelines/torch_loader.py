@@ -535,21 +535,42 @@ class TorchLoader(Loader):
         bounds = offsets.tolist()
         jpegs = [data[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
         images = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=dev)  # list of uint8 (3, H, W)
+        batch = _pad_replicate(images)  # float32 (B, 3, H, W): roi_align needs one tensor
+        n, n_views = boxes.shape[:2]
         top, left, ch, cw, flip = boxes.unbind(-1)
-        # roi_align(aligned=True) boxes are (x1, y1, x2, y2) in pixel-edge coordinates, the PIL box convention
-        rois = torch.stack([left, top, left + cw, top + ch], dim=-1).float().to(dev, non_blocking=True)
+        # roi_align(aligned=True) boxes are (image, x1, y1, x2, y2) in pixel-edge coordinates (PIL's box)
+        image = torch.arange(n).unsqueeze(1).expand(n, n_views)
+        rois = torch.stack([image, left, top, left + cw, top + ch], dim=-1).float().to(dev, non_blocking=True)
         flips = flip.bool().to(dev, non_blocking=True)
-        crops: list[torch.Tensor | None] = [None] * len(self.spec.views)
-        floats = [img.float() for img in images]
+        crops: list[torch.Tensor | None] = [None] * n_views
         for size, idx in self._view_groups():
             sel = slice(idx[0], idx[-1] + 1) if idx == list(range(idx[0], idx[-1] + 1)) else idx
-            out = torch.stack([roi_align(img[None], [rois[i, sel]], size, 1.0, -1, True)
-                               for i, img in enumerate(floats)])  # (B, views of this size, 3, S, S)
+            out = roi_align(batch, rois[:, sel].reshape(-1, 5), size, 1.0, -1, True)
+            out = out.view(n, len(idx), 3, size, size)
             f = flips[:, sel, None, None, None]
             out = torch.where(f, out.flip(-1), out).mul_(1.0 / 255.0)
             for k, v in enumerate(idx):
                 crops[v] = out[:, k]
         return Batch(self.photometric(crops, epoch, b), labels.to(dev, non_blocking=True))
+
+
+def _pad_replicate(images: list[torch.Tensor]) -> torch.Tensor:
+    """uint8 (3, h_i, w_i) images -> float32 (B, 3, H, W), H and W the largest, each image's last row and
+    column repeated into its padding: a bilinear sample between an image's last pixel and its border reads
+    that pixel, as at the true border (zeros there would darken crops touching the bottom or right edge).
+    One gather over the concatenated pixels instead of a copy per image."""
+    dev = images[0].device
+    hs = [int(img.shape[1]) for img in images]
+    ws = [int(img.shape[2]) for img in images]
+    starts = np.zeros(len(images), dtype=np.int64)
+    np.cumsum([h * w for h, w in zip(hs[:-1], ws[:-1], strict=True)], out=starts[1:])
+    meta = torch.from_numpy(np.stack([hs, ws, starts], axis=1).astype(np.int64)).to(dev, non_blocking=True)
+    flat = torch.cat([img.reshape(3, -1) for img in images], dim=1)  # (3, sum of h * w)
+    rows = torch.minimum(torch.arange(max(hs), device=dev)[None, :], meta[:, 0:1] - 1)  # (B, H)
+    cols = torch.minimum(torch.arange(max(ws), device=dev)[None, :], meta[:, 1:2] - 1)  # (B, W)
+    index = meta[:, 2, None, None] + rows[:, :, None] * meta[:, 1, None, None] + cols[:, None, :]  # (B, H, W)
+    out = torch.empty((len(images), 3, max(hs), max(ws)), dtype=torch.float32, device=dev)
+    return out.copy_(flat[:, index].transpose(0, 1))
 
 
 _DONE = object()

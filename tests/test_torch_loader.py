@@ -464,3 +464,16 @@ def test_prefetch_keeps_order_raises_the_threads_error_and_stops_when_closed():
     it.close()  # the consumer stops early (a resume, train.max_steps): the thread ends and closes its source
     assert closed.wait(5)
     assert not any(t.name == "fastssl-prefetch" for t in threading.enumerate())
+
+
+def test_padding_repeats_each_images_last_row_and_column():
+    from pipelines.torch_loader import _pad_replicate
+
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in ((5, 7), (9, 4), (2, 2))]
+    batch = _pad_replicate(images)
+    assert batch.shape == (3, 3, 9, 7) and batch.dtype == torch.float32
+    for img, padded in zip(images, batch, strict=True):
+        h, w = img.shape[1:]
+        expected = F.pad(img[None].float(), (0, 7 - w, 0, 9 - h), mode="replicate")[0]
+        assert torch.equal(padded, expected)
