@@ -120,7 +120,11 @@ def test_data_wait_warning_needs_the_median_of_n_windows_above_the_threshold():
 
 def test_data_wait_advice_follows_the_running_loader():
     on_gpu = data_wait_warning([20.0] * 3, device_type="cuda", windows=3, **FACTS)
-    assert "data.backend=dali" in on_gpu
+    assert "data.backend=dali" in on_gpu and "data.decode=device" in on_gpu
+    decoding_on_gpu = data_wait_warning([20.0] * 3, device_type="cuda", windows=3,
+                                        **{**FACTS, "device_decode": True})
+    assert "data.decode=device" not in decoding_on_gpu and "data.cache=ram" not in decoding_on_gpu
+    assert "data.backend=dali" in decoding_on_gpu
     cached = data_wait_warning([20.0] * 3, device_type="cpu", windows=3,
                                **{**FACTS, "ram_cache": True, "num_workers": 0})
     assert "data.cache=ram" not in cached and "num_workers" not in cached  # the RAM cache uses no workers

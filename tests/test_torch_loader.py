@@ -477,3 +477,24 @@ def test_padding_repeats_each_images_last_row_and_column():
         h, w = img.shape[1:]
         expected = F.pad(img[None].float(), (0, 7 - w, 0, 9 - h), mode="replicate")[0]
         assert torch.equal(padded, expected)
+
+
+def test_training_runs_with_device_decoding(tiny_dataset, tmp_path):
+    import math
+
+    from fastssl.config import load_config
+    from fastssl.engine.checkpoint import load_checkpoint
+    from fastssl.engine.trainer import Trainer
+
+    out = tmp_path / "run"
+    overrides = {
+        "data.path": tiny_dataset, "data.decode": "device", "data.cache": "none", "data.num_workers": 1,
+        "model.width": 4, "method.proj_hidden": 32, "method.proj_dim": 16, "method.pred_hidden": 32,
+        "train.batch_size": 16, "train.epochs": 1, "train.max_steps": 3, "train.log_every": 1,
+        "train.progress": False, "train.threads": 1, "eval.knn": "false", "out_dir": out,
+    }
+    trainer = Trainer(load_config("byol_resnet18_fmnist", [f"{k}={v}" for k, v in overrides.items()]))
+    results = trainer.fit()
+    assert trainer.loader.decode == "device"
+    assert results["steps"] == 3 and math.isfinite(results["final_loss"])
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["loader"] == {"epoch": 0, "batch": 3}

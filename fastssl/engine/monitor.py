@@ -17,15 +17,16 @@ DATA_WAIT_WINDOWS = 10  # log windows looked at together, and at least this many
 
 
 def data_wait_warning(wait_pcts: Sequence[float], *, backend: str, num_workers: int | None, ram_cache: bool,
-                      device_type: str, cpus: int, threshold: float = DATA_WAIT_THRESHOLD_PCT,
-                      windows: int = DATA_WAIT_WINDOWS) -> str | None:
+                      device_type: str, cpus: int, device_decode: bool = False,
+                      threshold: float = DATA_WAIT_THRESHOLD_PCT, windows: int = DATA_WAIT_WINDOWS) -> str | None:
     """The warning to print when the loader holds training back, else None.
 
     wait_pcts: data-wait % of the step time of the log windows since the last warning, oldest first. It warns
     when there are at least ``windows`` of them and the median of the last ``windows`` exceeds ``threshold``
     (the median, so the first window's loader start-up or one slow epoch boundary alone does not warn).
     backend: the loader actually running (torch | dali | ffcv); num_workers: its decode processes/threads;
-    ram_cache: the torch backend serves decoded images from RAM; cpus: cores this process may use.
+    ram_cache: the torch backend serves decoded images from RAM; cpus: cores this process may use;
+    device_decode: the torch backend decodes on the device (data.decode=device).
     """
     if windows < 1 or len(wait_pcts) < windows:
         return None
@@ -34,10 +35,12 @@ def data_wait_warning(wait_pcts: Sequence[float], *, backend: str, num_workers: 
         return None
     hints = []
     more = max(1, cpus - 1)
-    if backend == "torch" and not ram_cache:
+    if backend == "torch" and not ram_cache and not device_decode:
         hints.append("data.cache=ram (decode every image once into RAM; same-size images that fit in memory)")
     if not (backend == "torch" and ram_cache) and (num_workers or 0) < more:
         hints.append(f"data.num_workers={more} (now {num_workers}; {cpus} cores here)")
+    if device_type == "cuda" and backend == "torch" and not ram_cache and not device_decode:
+        hints.append("data.decode=device (torchvision decodes each batch on the GPU; no DALI needed)")
     if device_type == "cuda" and backend != "dali":
         hints.append("data.backend=dali (decode on the GPU)")
     if backend != "ffcv":
@@ -77,7 +80,7 @@ def loader_facts(loader) -> dict:
     workers = getattr(loader, "num_workers", getattr(loader, "num_threads", None))
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return {"backend": backend, "num_workers": workers, "ram_cache": getattr(loader, "mode", None) == "ram",
-            "cpus": cpus}
+            "cpus": cpus, "device_decode": getattr(loader, "decode", "host") == "device"}
 
 
 class WandbSink:
