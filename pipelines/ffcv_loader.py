@@ -21,8 +21,15 @@ Decode once. FFCV 1.0.2 decodes the JPEG again for every extra pipeline reading 
 ``MultiCropDecoder`` is one operation in the style of FFCV's ``RandomResizedCropRGBImageDecoder``: it
 declares its output memory once per batch (one buffer holding a uint8 (B, S, S, 3) block per view, plus a
 decode scratch buffer per thread), and a numba-compiled function fills it: per image one ``imdecode``
-into the scratch buffer, then per view a random box cut and resized (OpenCV INTER_AREA) straight into
-that view's block, flipped in place. ``decode_count`` counts the ``imdecode`` calls.
+into the scratch buffer, then per view a random box cut and resized straight into that view's block,
+flipped in place. ``decode_count`` counts the ``imdecode`` calls.
+
+Resize filter. A box up to 2x larger than its view on both sides (most crops of the SwAV and BYOL recipes
+on ImageNet-sized images) goes through ``_bilinear_crop``: 2 x 2 taps at pixel centres, in fixed point, the
+OpenCV / ``F.interpolate`` INTER_LINEAR mapping; at a ratio of at most 2 every source row and column
+still weighs in, so there is little to alias. Larger ratios and enlargements use FFCV's ``resize_crop``
+(OpenCV INTER_AREA, whose cost grows with the source box: 1.1 ms for a 400 x 300 box to 224 px, against
+0.3 ms for the bilinear one, one core).
 
 Crops. The boxes follow ``pipelines.torch_loader.sample_rrc`` step by step (area uniform in the view's
 ``scale``, log-uniform aspect in ``ratio``, 10 tries, the same centered fallback, the eval view's center
@@ -203,6 +210,68 @@ def _flip_columns(img):
 
 
 @njit(nogil=True)
+def _bilinear_crop(img, top, bottom, left, right, dst):
+    """Rows top..bottom-1, columns left..right-1 of img (H, W, C) resized into dst (S, S, C), bilinear with
+    pixel centres aligned (src = (dst + 0.5) * box / S - 0.5, clamped to the box), 8-bit fixed-point
+    weights, rounded: within 1 level of ``cv2.resize(..., INTER_LINEAR)`` of the box.
+
+    Separable: each source row the output needs is interpolated along x once into an int32 row (kept while
+    consecutive output rows share it), then two such rows are blended along y."""
+    ch, cw = bottom - top, right - left
+    s_h, s_w, c = dst.shape[0], dst.shape[1], dst.shape[2]
+    n = s_w * c
+    xa = np.empty(n, np.int64)
+    xb = np.empty(n, np.int64)
+    wb = np.empty(n, np.int32)
+    for ox in range(s_w):
+        sx = max((ox + 0.5) * cw / s_w - 0.5, 0.0)
+        a = min(int(sx), cw - 1)
+        w1 = int((sx - a) * 256.0 + 0.5)
+        for k in range(c):
+            xa[ox * c + k] = (left + a) * c + k
+            xb[ox * c + k] = (left + min(a + 1, cw - 1)) * c + k
+            wb[ox * c + k] = w1
+    flat = img.reshape(img.shape[0], img.shape[1] * c)
+    out = dst.reshape(s_h, n)
+    r0 = np.empty(n, np.int32)
+    r1 = np.empty(n, np.int32)
+    have0, have1 = -1, -1
+    for oy in range(s_h):
+        sy = max((oy + 0.5) * ch / s_h - 0.5, 0.0)
+        b = min(int(sy), ch - 1)
+        y0, y1 = top + b, top + min(b + 1, ch - 1)
+        wy = np.int32(int((sy - b) * 256.0 + 0.5))
+        if y0 != have0:
+            if y0 == have1:
+                r0[:] = r1
+            else:
+                src = flat[y0]
+                for j in range(n):
+                    r0[j] = np.int32(src[xa[j]]) * (256 - wb[j]) + np.int32(src[xb[j]]) * wb[j]
+            have0 = y0
+        if y1 != have1:
+            src = flat[y1]
+            for j in range(n):
+                r1[j] = np.int32(src[xa[j]]) * (256 - wb[j]) + np.int32(src[xb[j]]) * wb[j]
+            have1 = y1
+        row = out[oy]
+        for j in range(n):
+            row[j] = (r0[j] * (256 - wy) + r1[j] * wy + 32768) >> 16
+
+
+@njit(nogil=True)
+def _resize_box(img, top, bottom, left, right, dst):
+    """The filter by the ratio of box to view (see the module docstring)."""
+    ch, cw = bottom - top, right - left
+    s_h, s_w = dst.shape[0], dst.shape[1]
+    shrinks = ch > s_h or cw > s_w
+    if shrinks and ch <= 2 * s_h and cw <= 2 * s_w:
+        _bilinear_crop(img, top, bottom, left, right, dst)
+    else:
+        _resize_crop(img, top, bottom, left, right, dst)
+
+
+@njit(nogil=True)
 def _cut_views(img, params, key, out, layout, i, boxes):
     """Every view of one decoded image (H, W, 3) into slot i of its block of ``out``: box, resize, flip."""
     _sample_views(img.shape[0], img.shape[1], params, key, boxes)
@@ -210,7 +279,7 @@ def _cut_views(img, params, key, out, layout, i, boxes):
         offset, s = layout[v, 0], layout[v, 1]
         dst = out[offset + i * s * s * 3 : offset + (i + 1) * s * s * 3].reshape(s, s, 3)
         top, left, ch, cw = boxes[v, 0], boxes[v, 1], boxes[v, 2], boxes[v, 3]
-        _resize_crop(img, top, top + ch, left, left + cw, dst)
+        _resize_box(img, top, top + ch, left, left + cw, dst)
         if boxes[v, 4]:
             _flip_columns(dst)
 

@@ -241,6 +241,30 @@ def test_crops_are_the_sampled_boxes_resized_and_flipped(ffcv_ramp):
     assert 0.3 < np.mean(flips) < 0.7 and len(flips) == 12 * 8
 
 
+def test_bilinear_crop_is_opencv_inter_linear_and_used_up_to_a_2x_shrink():
+    import cv2
+
+    from pipelines.ffcv_loader import _bilinear_crop, _resize_box, _resize_crop
+
+    rng = np.random.default_rng(7)
+    img = cv2.GaussianBlur(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8), (5, 5), 1.5)
+    img[::7] = rng.integers(0, 256, (len(img[::7]), 160, 3))  # some sharp rows too
+    for _ in range(40):
+        s = int(rng.integers(8, 40))
+        ch, cw = int(rng.integers(s // 2, min(120, 3 * s) + 1)), int(rng.integers(s // 2, min(160, 3 * s) + 1))
+        top, left = int(rng.integers(0, 121 - ch)), int(rng.integers(0, 161 - cw))
+        box = img[top:top + ch, left:left + cw]
+        ours = np.empty((s, s, 3), np.uint8)
+        _bilinear_crop(img, top, top + ch, left, left + cw, ours)
+        opencv = cv2.resize(box, (s, s), interpolation=cv2.INTER_LINEAR)
+        assert np.abs(ours.astype(int) - opencv.astype(int)).max() <= 1, (ch, cw, s)
+        routed, area = np.empty_like(ours), np.empty_like(ours)
+        _resize_box(img, top, top + ch, left, left + cw, routed)
+        _resize_crop(img, top, top + ch, left, left + cw, area)
+        shrink_up_to_2x = (ch > s or cw > s) and ch <= 2 * s and cw <= 2 * s
+        assert np.array_equal(routed, ours if shrink_up_to_2x else area), (ch, cw, s)
+
+
 # ---- fastssl-convert --formats wds,ffcv ------------------------------------------------------------
 _COLOURS = {"blue": (20, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
 

@@ -275,6 +275,8 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_gray_dataset, tmp_path
     assert "resumed from" in resumed.stdout and _results(resumed.stdout)["steps"] == total
     final = load_checkpoint(out / "checkpoints" / "last.pt")
     _assert_same_training_state(reference_runs(method), final)  # bit-identical, killed after step >= {seen}
+    # metrics.jsonl: one row per step, though the steps after the checkpoint ran twice
+    assert [r["step"] for r in _rows(out) if "loss" in r] == list(range(1, total + 1))
     print(f"{method}: killed after step {seen}, resumed from step {max(steps_on_disk)}")
 
 
@@ -479,3 +481,15 @@ if __name__ == "__main__":
     from fastssl.train import main
 
     sys.exit(main())
+
+
+def test_trim_metrics_drops_rows_after_the_checkpoint_and_a_torn_line(tmp_path):
+    from fastssl.engine.trainer import trim_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": 1.0 / s} for s in range(1, 9)] + [{"step": 4, "epoch": 1, "knn_top1": 50.0}]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    path.write_text(text + '{"step": 9, "lo')  # killed in the middle of a row
+    assert trim_metrics(path, 5) == 4  # steps 6, 7, 8 and the torn line
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5, 4]
+    assert trim_metrics(path, 5) == 0 and trim_metrics(tmp_path / "absent.jsonl", 5) == 0

@@ -210,6 +210,7 @@ class Trainer:
         if self.probe is not None and state.get("probe") is not None:
             self.probe.load_state_dict(state["probe"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.resumed_step = self.step  # in the checkpoint's own count (the rows metrics.jsonl holds)
         loader = dict(state["loader"])
         self.batch_in_epoch = int(loader["batch"])
         saved_steps_per_epoch = int(state.get("steps_per_epoch", self.steps_per_epoch))
@@ -270,8 +271,10 @@ class Trainer:
     def fit(self) -> dict:
         """Train to the end (or ``train.max_steps``), checkpointing each epoch, then the kNN evaluation."""
         self._setup()
-        self._resume()
+        resumed = self._resume()
         cfg, main = self.cfg, self.dist.is_main
+        if resumed and main:  # rows the lost steps wrote after this checkpoint are written again from here
+            trim_metrics(self.out_dir / "metrics.jsonl", self.resumed_step)
         results: dict = {}
         if cfg.eval.knn and cfg.eval.knn_init:
             # The same seed rebuilds the exact initial weights, so this baseline holds after a resume too; the
@@ -458,6 +461,27 @@ class Trainer:
                             num_classes=len(manifest["classes"]))
         distributed.barrier()
         return top1
+
+
+def trim_metrics(path: Path, last_step: int) -> int:
+    """Drop the rows of ``metrics.jsonl`` after ``last_step`` (and a line torn by a kill), atomically; returns
+    how many lines went. After a resume from step s, the steps after s run again and write their rows again:
+    without this the file would hold two rows for each of them."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # torn by the kill: the step it describes runs again
+            continue
+        if not line.endswith("\n") or int(row.get("step", 0)) > last_step:
+            continue
+        kept.append(line)
+    if len(kept) != len(lines):
+        atomic_write_bytes(path, "".join(kept).encode())
+    return len(lines) - len(kept)
 
 
 class TrainingInterrupted(Exception):
