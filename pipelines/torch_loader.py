@@ -32,8 +32,8 @@ import io
 import itertools
 import math
 import os
-import random
 import queue
+import random
 import struct
 import tarfile
 import threading

@@ -51,9 +51,12 @@ def main() -> None:
     print(f"decode_jpeg, one call of {len(jpegs)}: {one:.1f} ms ({len(jpegs) / one * 1e3:.0f} img/s)")
     for k in (2, 4, 8):
         chunks = [jpegs[i::k] for i in range(k)]
+
+        def decode(c):
+            return decode_jpeg(c, mode=ImageReadMode.RGB, device=dev)
+
         with ThreadPoolExecutor(k) as pool:
-            ms = timed(lambda: list(pool.map(lambda c: decode_jpeg(c, mode=ImageReadMode.RGB, device=dev),
-                                             chunks)), dev)
+            ms = timed(lambda pool=pool, chunks=chunks: list(pool.map(decode, chunks)), dev)
         print(f"decode_jpeg, {k} threads: {ms:.1f} ms ({len(jpegs) / ms * 1e3:.0f} img/s)")
     spec = MultiCropSpec.preset("swav", global_size=224, local_size=96, n_local=6)
     loader = build_loader(args.data, spec, args.batch, device=dev, num_workers=args.workers, decode="device")

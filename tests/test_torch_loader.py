@@ -398,7 +398,8 @@ def test_device_decode_crops_the_same_boxes_as_host_decode(tiny_dataset, preset)
     """Same seed: the same samples, boxes, flips and photometric draws; only the resize filter differs (PIL's
     antialiased bilinear vs roi_align's averaged bilinear samples), by well under a pixel level on average.
     A wrong box, flip or channel order would differ by a large fraction of the range."""
-    spec = MultiCropSpec.preset(preset, global_size=48, **({"local_size": 24, "n_local": 2} if preset == "swav" else {}))
+    local = {"local_size": 24, "n_local": 2} if preset == "swav" else {}
+    spec = MultiCropSpec.preset(preset, global_size=48, **local)
     host = _collect(build_loader(tiny_dataset, spec, 8, num_workers=0, cache="none", seed=5))
     dev = _collect(build_loader(tiny_dataset, spec, 8, num_workers=0, decode="device", seed=5))
     assert len(host) == len(dev) == 8
