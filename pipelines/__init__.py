@@ -10,10 +10,13 @@ This package never imports fastssl: data knows no model.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import math
 import os
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -203,6 +206,78 @@ class Loader:
             gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank, batch, i, STREAM_PHOTO))
             views.append(apply_photometric(x, view, self.spec.mean, self.spec.std, gen, inplace=True))
         return views
+
+
+# ---- background producer shared by the backends -------------------------------------------------
+_DONE = object()
+
+
+def prefetch(items: Iterator, device: torch.device, depth: int = 2) -> Iterator:
+    """Run the iterator ``items`` in a background thread, ``depth`` items ahead of the consumer.
+
+    On CUDA the thread works on its own stream: the consumer's stream waits for an item's work (an event) and
+    its tensors are recorded on the consumer's stream, so the caching allocator does not reuse their memory
+    early. An exception in the thread is raised in the consumer; closing the consumer early stops the thread.
+    """
+    cuda = device.type == "cuda"
+    stream = torch.cuda.Stream(device) if cuda else None
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                for item in items:
+                    event = None
+                    if cuda:
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                    if not put((item, event)):
+                        break
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            put((e, _DONE))
+            return
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+        put((_DONE, None))
+
+    thread = threading.Thread(target=work, name="fastssl-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, event = q.get()
+            if event is _DONE:
+                raise item
+            if item is _DONE:
+                return
+            if cuda:
+                current = torch.cuda.current_stream(device)
+                current.wait_event(event)
+                for t in _tensors(item):
+                    t.record_stream(current)
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _tensors(item) -> Iterator[torch.Tensor]:
+    if isinstance(item, torch.Tensor):
+        yield item
+    elif isinstance(item, (list, tuple)):
+        for x in item:
+            yield from _tensors(x)
 
 
 # name -> (module, class, package it needs, how to install it). Each backend class takes

@@ -55,9 +55,7 @@ import functools
 import io
 import math
 import os
-import queue
 import struct
-import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -67,7 +65,7 @@ import torch
 from numba import njit
 from PIL import Image
 
-from pipelines import STREAM_CROP, Batch, Loader, derive_seed
+from pipelines import STREAM_CROP, Batch, Loader, derive_seed, prefetch
 from pipelines.formats import (
     DatasetFormatError,
     beton_name,
@@ -452,7 +450,6 @@ def default_num_threads() -> int:
     return max(1, min(8, cpus // local_ranks))
 
 
-_END = object()
 
 
 class FfcvLoader(Loader):
@@ -573,37 +570,8 @@ class FfcvLoader(Loader):
             for pos in batches:
                 yield self._load(pos, epoch, scratch)
             return
-        ready: queue.Queue = queue.Queue(self.prefetch)
-        stop = threading.Event()
-
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    ready.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    pass
-            return False
-
-        def produce() -> None:
-            try:
-                for pos in batches:
-                    if not put(self._load(pos, epoch, scratch)):
-                        return
-                put(_END)
-            except BaseException as e:  # handed to the consumer, raised there
-                put(e)
-
-        thread = threading.Thread(target=produce, name="ffcv-prefetch", daemon=True)
-        thread.start()
-        try:
-            while (item := ready.get()) is not _END:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            thread.join()
+        yield from prefetch((self._load(pos, epoch, scratch) for pos in batches), torch.device("cpu"),
+                            depth=self.prefetch)
 
     def _iter_epoch(self, epoch: int, start: int) -> Iterator[Batch]:
         batches = self.batch_positions(epoch)[start:]

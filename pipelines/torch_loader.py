@@ -27,16 +27,13 @@ aliases where PIL would average. The RAM cache targets tiny images, where crops 
 
 from __future__ import annotations
 
-import contextlib
 import io
 import itertools
 import math
 import os
-import queue
 import random
 import struct
 import tarfile
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,7 +44,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipelines import STREAM_CROP, Batch, Loader, derive_seed
+from pipelines import STREAM_CROP, Batch, Loader, derive_seed, prefetch
 from pipelines.formats import DatasetFormatError, iter_samples, load_manifest, shard_counts, shard_paths
 from pipelines.spec import MultiCropSpec
 
@@ -571,74 +568,3 @@ def _pad_replicate(images: list[torch.Tensor]) -> torch.Tensor:
     index = meta[:, 2, None, None] + rows[:, :, None] * meta[:, 1, None, None] + cols[:, None, :]  # (B, H, W)
     out = torch.empty((len(images), 3, max(hs), max(ws)), dtype=torch.float32, device=dev)
     return out.copy_(flat[:, index].transpose(0, 1))
-
-
-_DONE = object()
-
-
-def prefetch(items: Iterator, device: torch.device, depth: int = 2) -> Iterator:
-    """Run the iterator ``items`` in a background thread, ``depth`` items ahead of the consumer.
-
-    On CUDA the thread works on its own stream: the consumer's stream waits for an item's work (an event) and
-    its tensors are recorded on the consumer's stream, so the caching allocator does not reuse their memory
-    early. An exception in the thread is raised in the consumer; closing the consumer early stops the thread.
-    """
-    cuda = device.type == "cuda"
-    stream = torch.cuda.Stream(device) if cuda else None
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-                for item in items:
-                    event = None
-                    if cuda:
-                        event = torch.cuda.Event()
-                        event.record(stream)
-                    if not put((item, event)):
-                        break
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
-            put((e, _DONE))
-            return
-        finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()
-        put((_DONE, None))
-
-    thread = threading.Thread(target=work, name="fastssl-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, event = q.get()
-            if event is _DONE:
-                raise item
-            if item is _DONE:
-                return
-            if cuda:
-                current = torch.cuda.current_stream(device)
-                current.wait_event(event)
-                for t in _tensors(item):
-                    t.record_stream(current)
-            yield item
-    finally:
-        stop.set()
-        thread.join()
-
-
-def _tensors(item) -> Iterator[torch.Tensor]:
-    if isinstance(item, torch.Tensor):
-        yield item
-    elif isinstance(item, (list, tuple)):
-        for x in item:
-            yield from _tensors(x)

@@ -434,7 +434,7 @@ def test_device_decode_names_the_shard_of_an_unreadable_jpeg(tmp_path):
 def test_prefetch_keeps_order_raises_the_threads_error_and_stops_when_closed():
     import threading
 
-    from pipelines.torch_loader import prefetch
+    from pipelines import prefetch
 
     cpu = torch.device("cpu")
     assert list(prefetch(iter(range(10)), cpu)) == list(range(10))
