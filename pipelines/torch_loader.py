@@ -9,7 +9,8 @@ Two modes, both drawing crops from torchvision's ``RandomResizedCrop`` distribut
   process runs the photometric stage on the device.
 * device decoding (``decode="device"``, with ``cache="none"``): workers only read each JPEG's bytes and
   its header (for the image size, so the crop boxes are drawn there, exactly as above); the main process
-  decodes the batch in one ``torchvision.io.decode_jpeg`` call on the training device (nvJPEG on CUDA),
+  decodes the batch in one ``decode_jpeg`` call on the training device (nvJPEG on CUDA; TorchCodec's, else
+  torchvision's: ``DeviceJpegDecoder``),
   crops + resizes every view with ``torchvision.ops.roi_align`` (bilinear; ``sampling_ratio=-1`` averages
   ceil(crop / view) samples per output pixel, so shrinking crops are antialiased), flips, and runs the
   photometric stage, in a background thread on its own CUDA stream, one batch ahead of the training step.
@@ -262,11 +263,10 @@ class _CropDataset(Dataset):
             box = sample_rrc(h, w, view.scale, view.ratio, rng)
             yield (*box, rng.random() < view.flip_p)
 
-    def _raw_items(self, keys: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                  torch.Tensor]:
+    def _raw_items(self, keys: list[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
         """decode="device": no decoding here. The batch's JPEGs as one uint8 buffer and their int64 (B + 1,)
         offsets; int64 (B, V, 5) boxes + flip (top, left, height, width, flip), from the JPEG header's size;
-        labels int64 (B,)."""
+        labels int64 (B,); the samples' positions int64 (B,) (for error messages)."""
         jpegs, labels = [], np.empty(len(keys), dtype=np.int64)
         boxes = np.empty((len(keys), len(self.spec.views), 5), dtype=np.int64)
         for i, (pos, epoch) in enumerate(keys):
@@ -274,15 +274,19 @@ class _CropDataset(Dataset):
             try:
                 w, h = Image.open(io.BytesIO(jpeg)).size  # parses the header only
             except Exception as e:  # noqa: BLE001 - any parse failure is the same data error
-                raise DatasetFormatError(f"{self.shard_files[int(self.shard_of[pos])]}: sample "
-                                         f"{int(self.sample_ids[pos])} is not a readable JPEG ({e}); rerun "
+                raise DatasetFormatError(f"{self.where(pos)} is not a readable JPEG ({e}); rerun "
                                          "fastssl-convert") from e
             boxes[i] = list(self._boxes(pos, epoch, h, w))
             jpegs.append(jpeg)
         offsets = np.zeros(len(jpegs) + 1, dtype=np.int64)
         np.cumsum([len(j) for j in jpegs], out=offsets[1:])
         data = torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8)
-        return data, torch.from_numpy(offsets), torch.from_numpy(boxes), torch.from_numpy(labels)
+        positions = torch.tensor([pos for pos, _ in keys], dtype=torch.int64)
+        return data, torch.from_numpy(offsets), torch.from_numpy(boxes), torch.from_numpy(labels), positions
+
+    def where(self, pos: int) -> str:
+        """'<shard file>: sample <global id>' for error messages."""
+        return f"{self.shard_files[int(self.shard_of[pos])]}: sample {int(self.sample_ids[pos])}"
 
     def __getitems__(self, keys: list[tuple[int, int]]):
         """A batch: per view uint8 (B, S, S, C) crops, C = 1 when every image is gray (the photometric
@@ -382,6 +386,7 @@ class TorchLoader(Loader):
             raise ValueError("decode='device' decodes every batch on the device; it excludes cache='ram' "
                              "(the RAM cache decodes once up front): use cache='none'")
         self.decode = decode
+        self.jpeg_decoder: DeviceJpegDecoder | None = None  # decode="device": chosen at the first batch
         self.path = Path(path)
         manifest = load_manifest(self.path)
         self.shard_files = [str(p) for p in shard_paths(self.path, split, manifest)]
@@ -523,15 +528,23 @@ class TorchLoader(Loader):
         return list(groups.items())
 
     def _device_batch(self, data: torch.Tensor, offsets: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
-                      epoch: int, b: int) -> Batch:
+                      positions: torch.Tensor, epoch: int, b: int) -> Batch:
         """One batch from ``_CropDataset._raw_items``: decode on the device, crop + resize + flip, photometric."""
-        from torchvision.io import ImageReadMode, decode_jpeg
         from torchvision.ops import roi_align
 
         dev = self.device
+        if self.jpeg_decoder is None:
+            self.jpeg_decoder = DeviceJpegDecoder(dev)
         bounds = offsets.tolist()
         jpegs = [data[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
-        images = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=dev)  # list of uint8 (3, H, W)
+        try:
+            images = self.jpeg_decoder(jpegs)  # list of uint8 (3, H, W)
+        except Exception as e:  # noqa: BLE001 - the decoders raise RuntimeError, ValueError...: find the sample
+            bad = self.jpeg_decoder.first_failure(jpegs)
+            if bad is None:
+                raise
+            raise DatasetFormatError(f"{self.dataset.where(int(positions[bad]))} is not a decodable JPEG "
+                                     f"({self.jpeg_decoder.name}: {e}); rerun fastssl-convert") from e
         batch = _pad_replicate(images)  # float32 (B, 3, H, W): roi_align needs one tensor
         n, n_views = boxes.shape[:2]
         top, left, ch, cw, flip = boxes.unbind(-1)
@@ -549,6 +562,73 @@ class TorchLoader(Loader):
             for k, v in enumerate(idx):
                 crops[v] = out[:, k]
         return Batch(self.photometric(crops, epoch, b), labels.to(dev, non_blocking=True))
+
+
+JPEG_DECODERS = ("torchcodec", "torchvision")
+
+
+class DeviceJpegDecoder:
+    """Batched JPEG decoding onto ``device`` (nvJPEG on CUDA), as RGB uint8 (3, H, W) tensors.
+
+    Two implementations of one call: TorchCodec's ``decode_jpeg`` (the successor of torchvision's image
+    decoders) and ``torchvision.io.decode_jpeg`` (deprecated since torchvision 0.29, removed in a later
+    release). ``prefer`` (default: the FASTSSL_JPEG_DECODER environment variable, else "auto") names one, or
+    "auto": the first that is installed and decodes a probe JPEG on ``device`` (a TorchCodec built for another
+    CUDA version than the driver's, or without CUDA, fails the probe: then torchvision's decoder serves).
+    TorchCodec's CUDA build tries nvJPEG's hardware backend (the A100/H100 JPEG engines) first. ``name`` says
+    which one runs.
+    """
+
+    def __init__(self, device: str | torch.device, prefer: str | None = None):
+        self.device = torch.device(device)
+        prefer = prefer or os.environ.get("FASTSSL_JPEG_DECODER") or "auto"
+        if prefer not in ("auto", *JPEG_DECODERS):
+            raise ValueError(f"JPEG decoder must be 'auto' or one of {JPEG_DECODERS} (FASTSSL_JPEG_DECODER), "
+                             f"got {prefer!r}")
+        probe = io.BytesIO()
+        Image.new("RGB", (16, 8), (200, 40, 90)).save(probe, "JPEG", quality=95)
+        probe = torch.frombuffer(bytearray(probe.getvalue()), dtype=torch.uint8)
+        failures = []
+        for name in JPEG_DECODERS if prefer == "auto" else (prefer,):
+            try:
+                fn = self._load(name)
+                out = fn([probe])
+                if len(out) != 1 or tuple(out[0].shape) != (3, 8, 16) or out[0].device != self.device:
+                    raise RuntimeError(f"probe decoded to {[tuple(o.shape) for o in out]} on {out[0].device}")
+            except Exception as e:  # noqa: BLE001 - ImportError, RuntimeError (no CUDA build)...
+                failures.append(f"{name}: {type(e).__name__}: {e}")
+                continue
+            self.name, self._fn = name, fn
+            return
+        raise RuntimeError(f"no JPEG decoder works on {self.device} ({'; '.join(failures)}); install torchcodec "
+                           "with CUDA support (see the README's loader section) or use data.decode=host")
+
+    def _load(self, name: str):
+        device = self.device
+        if name == "torchcodec":
+            from torchcodec.decoders import decode_jpeg
+
+            return lambda jpegs: decode_jpeg(list(jpegs), mode="RGB", device=device)
+        import warnings
+
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        # Its deprecation (torchvision >= 0.29, one warning per call) is why TorchCodec comes first.
+        warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision",
+                                DeprecationWarning)
+        return lambda jpegs: decode_jpeg(list(jpegs), mode=ImageReadMode.RGB, device=device)
+
+    def __call__(self, jpegs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self._fn(jpegs)
+
+    def first_failure(self, jpegs: list[torch.Tensor]) -> int | None:
+        """Index of the first JPEG that fails to decode alone (after a batch failed), or None."""
+        for i, jpeg in enumerate(jpegs):
+            try:
+                self._fn([jpeg])
+            except Exception:  # noqa: BLE001 - the batch's error is the one reported
+                return i
+        return None
 
 
 def _pad_replicate(images: list[torch.Tensor]) -> torch.Tensor:

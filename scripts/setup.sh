@@ -4,13 +4,13 @@
 #   2. the virtualenv (Python >= 3.10);
 #   3. `pip install -e .[EXTRAS]`, skipped while a stamp keyed on pyproject.toml still matches.
 #
-# Environment: VENV (default .venv), EXTRAS (default dev,ffcv,dali-cu13), PYTHON (interpreter
+# Environment: VENV (default .venv), EXTRAS (default dev,ffcv,dali-cu13,codec), PYTHON (interpreter
 # used to create the venv; default: the first python3.x >= 3.10 on PATH), FORCE=1 (reinstall).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV=${VENV:-.venv}
-EXTRAS=${EXTRAS:-dev,ffcv,dali-cu13}
+EXTRAS=${EXTRAS:-dev,ffcv,dali-cu13,codec}
 # g++ compiles FFCV's extension; libgl1 is needed to import cv2 from the opencv-python wheel FFCV requires.
 APT_PACKAGES=(pkg-config g++ libturbojpeg0-dev libopencv-dev libgl1 dataset-fashion-mnist)
 
@@ -95,6 +95,7 @@ else
     modules=(torch torchvision fastssl pipelines)
     if [[ ,$EXTRAS, == *,dali-* ]]; then modules+=(nvidia.dali); fi
     if [[ ,$EXTRAS, == *,ffcv,* ]]; then modules+=(ffcv ffcv._libffcv cv2 numba); fi
+    if [[ ,$EXTRAS, == *,codec,* ]]; then modules+=(torchcodec.decoders); fi
     say "checking imports: ${modules[*]}"
     "$VENV/bin/python" -c 'import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]' \
         "${modules[@]}"

@@ -431,6 +431,73 @@ def test_device_decode_names_the_shard_of_an_unreadable_jpeg(tmp_path):
                               decode="device", shuffle=False))
 
 
+def test_device_decode_names_the_sample_whose_jpeg_body_is_corrupt(tmp_path):
+    """A truncated JPEG passes the workers' header check and fails in the batched device decode: the batch
+    is decoded image by image to name the sample, not reported as an anonymous decoder error."""
+    from conftest import write_dataset
+
+    from pipelines.formats import DatasetFormatError
+
+    rng = np.random.default_rng(0)
+    good = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(good, "JPEG")
+    jpeg = good.getvalue()
+    samples = [(jpeg, 0)] * 5 + [(jpeg[: len(jpeg) // 3], 0)] + [(jpeg, 0)] * 2
+    path = write_dataset(tmp_path / "bad", ["a"], {"train": [samples]})
+    with pytest.raises(DatasetFormatError, match=r"train-00000\.tar: sample 5 is not a decodable JPEG.*rerun"):
+        _collect(build_loader(path, MultiCropSpec.preset("byol", global_size=16), 8, num_workers=0,
+                              decode="device", shuffle=False))
+
+
+def _jpeg_tensor(seed: int, h: int = 37, w: int = 52) -> torch.Tensor:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+def test_jpeg_decoders_agree_with_pil_and_auto_prefers_torchcodec():
+    pytest.importorskip("torchcodec")
+    from pipelines.torch_loader import JPEG_DECODERS, DeviceJpegDecoder
+
+    assert DeviceJpegDecoder("cpu").name == "torchcodec"
+    jpegs = [_jpeg_tensor(s, 37 + s, 52 - s) for s in range(3)]
+    pil = [torch.from_numpy(np.array(Image.open(io.BytesIO(j.numpy().tobytes())))).permute(2, 0, 1)
+           for j in jpegs]
+    for name in JPEG_DECODERS:
+        decoder = DeviceJpegDecoder("cpu", prefer=name)
+        assert decoder.name == name
+        out = decoder(jpegs)
+        assert [tuple(o.shape) for o in out] == [tuple(p.shape) for p in pil]
+        for o, p in zip(out, pil, strict=True):  # libjpeg-turbo everywhere: at most a rounding level apart
+            assert o.dtype == torch.uint8 and (o.int() - p.int()).abs().max() <= 1
+
+
+def test_jpeg_decoder_falls_back_when_torchcodec_cannot_decode_on_the_device(monkeypatch):
+    """A TorchCodec built for another CUDA (or none) fails the probe: "auto" then takes torchvision's; naming one that
+    cannot work, or an unknown one, is an error that says what to do."""
+    from pipelines.torch_loader import DeviceJpegDecoder
+
+    real_load = DeviceJpegDecoder._load
+
+    def load(self, name):
+        if name == "torchcodec":
+            def broken(jpegs):
+                raise RuntimeError("torchcodec was built without CUDA support")
+            return broken
+        return real_load(self, name)
+
+    monkeypatch.setattr(DeviceJpegDecoder, "_load", load)
+    decoder = DeviceJpegDecoder("cpu")
+    assert decoder.name == "torchvision"
+    assert tuple(decoder([_jpeg_tensor(1)])[0].shape) == (3, 37, 52)
+    monkeypatch.setenv("FASTSSL_JPEG_DECODER", "torchcodec")
+    with pytest.raises(RuntimeError, match="no JPEG decoder works on cpu.*without CUDA.*data.decode=host"):
+        DeviceJpegDecoder("cpu")
+    monkeypatch.setenv("FASTSSL_JPEG_DECODER", "nvjpeg")
+    with pytest.raises(ValueError, match="FASTSSL_JPEG_DECODER.*'nvjpeg'"):
+        DeviceJpegDecoder("cpu")
+
+
 def test_prefetch_keeps_order_raises_the_threads_error_and_stops_when_closed():
     import threading
 
