@@ -294,13 +294,15 @@ class _CropDataset(Dataset):
         if self.raw:
             return self._raw_items(keys)
         views = self.spec.views
-        channels = 1
-        out = [np.empty((len(keys), v.size, v.size, channels), dtype=np.uint8) for v in views]
+        out: list[np.ndarray] = []
         labels = np.empty(len(keys), dtype=np.int64)
         for i, (pos, epoch) in enumerate(keys):
             jpeg, labels[i] = self._read(pos)
             img = _decode(jpeg)
-            if img.mode == "RGB" and channels == 1:  # first colour image: widen the batch once
+            if not out:  # the first image's channels size the batch
+                channels = 3 if img.mode == "RGB" else 1
+                out = [np.empty((len(keys), v.size, v.size, channels), dtype=np.uint8) for v in views]
+            elif img.mode == "RGB" and channels == 1:  # first colour image after gray ones: widen the batch once
                 channels = 3
                 out = [np.repeat(o, 3, axis=3) for o in out]
             for v, (view, (top, left, ch, cw, flip)) in enumerate(
