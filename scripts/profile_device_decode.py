@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--data", default=".benchdata/imgs")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--workers", type=int, default=14)
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 3) - 2))
     ap.add_argument("--batches", type=int, default=12)
     args = ap.parse_args()
     dev = torch.device(args.device)
