@@ -417,6 +417,11 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _ours(name: str) -> bool:
+    """A bar of ours ("ffcv", "byol ffcv", "fastssl") rather than a baseline ("pil", "byol reference")."""
+    return name.split()[-1] in (*OURS, "fastssl")
+
+
 def plot(results: list[dict], path: Path, title: str) -> None:
     ok = [r for r in results if r["status"] == "ok"]
     names = [r["backend"] for r in ok]
@@ -433,7 +438,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
         _plot_pil(names, values, labels, path, title)
         return
     fig, ax = plt.subplots(figsize=(8, 0.6 * len(ok) + 1.5))
-    bars = ax.barh(names[::-1], values[::-1], color=["#4C72B0" if n in OURS else "#999999" for n in names[::-1]])
+    bars = ax.barh(names[::-1], values[::-1], color=["#4C72B0" if _ours(n) else "#999999" for n in names[::-1]])
     for bar, label in zip(bars, labels[::-1], strict=True):
         ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, " " + label, va="center", fontsize=9)
     ax.set_xlabel("images / s (higher is better)")
@@ -456,7 +461,7 @@ def _plot_pil(names, values, labels, path: Path, title: str) -> None:
         y = 40 + i * row
         d.text((10, y + 8), n, fill="black")
         length = int((w - 330) * v / top)
-        d.rectangle([90, y, 90 + length, y + row - 8], fill=(76, 114, 176) if n in OURS else (150, 150, 150))
+        d.rectangle([90, y, 90 + length, y + row - 8], fill=(76, 114, 176) if _ours(n) else (150, 150, 150))
         d.text((95 + length, y + 8), label, fill="black")
     img.save(path)
 

@@ -13,6 +13,11 @@ Both run warm-up steps first; the figure is the median over ``--repeats`` window
 is ``speedup=<fastssl img/s / reference img/s>``.
 
     python scripts/bench_train.py --method byol --backend torch --json bench_train.json --plot bench_train.png
+
+Comma-separated ``--method`` and ``--backend`` run the matrix: per method, the reference once and fastssl with
+each loader; a table row per pair, and the last line is the geometric mean of the pairs' speedups.
+
+    python scripts/bench_train.py --method byol,simclr,swav --backend torch,dali,ffcv data.path=DIR
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import datetime
 import importlib.util
 import io
 import json
+import math
 import os
 import statistics
 import sys
@@ -88,7 +94,9 @@ def _reference_mode():
     """Eager loss twins, and the backbone once per crop instead of once per resolution."""
     from fastssl.methods import base
 
-    saved_env, saved_fbr = os.environ.get("FASTSSL_KERNELS"), base.SSLMethod.forward_by_resolution
+    # The class __dict__ holds the staticmethod object itself; getattr would unwrap it into a plain function,
+    # which restored would then bind as a method.
+    saved_env, saved_fbr = os.environ.get("FASTSSL_KERNELS"), base.SSLMethod.__dict__["forward_by_resolution"]
     os.environ["FASTSSL_KERNELS"] = "reference"
     base.SSLMethod.forward_by_resolution = staticmethod(lambda net, views: [net(v) for v in views])
     try:
@@ -168,11 +176,16 @@ def _summary(rows: list[dict], warmup_windows: int) -> dict:
             "windows": [round(r["img_s"], 1) for r in timed]}
 
 
+def _split(value: str | None) -> list[str | None]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else [None]
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--method", default="byol")
-    ap.add_argument("--config", default=None, help="recipe (default: <method>_resnet18_fmnist)")
-    ap.add_argument("--backend", default=None, help="data.backend for fastssl (default: the recipe's)")
+    ap.add_argument("--method", default="byol", help="a method, or several comma-separated (a matrix)")
+    ap.add_argument("--config", default=None, help="recipe (default: <method>_resnet18_fmnist); one method only")
+    ap.add_argument("--backend", default=None,
+                    help="data.backend for fastssl (default: the recipe's), or several comma-separated")
     ap.add_argument("--window", type=int, default=10, help="steps per timed window")
     ap.add_argument("--repeats", type=int, default=3, help="timed windows (after one warm-up window)")
     ap.add_argument("--workers", type=int, default=None, help="reference DataLoader workers (default: cores)")
@@ -181,42 +194,67 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--plot", type=Path)
     ap.add_argument("overrides", nargs="*", help="key=value config overrides for both runs")
     args = ap.parse_args(argv)
-    cfg_name = args.config or f"{args.method}_resnet18_fmnist"
-    overrides = list(args.overrides)
-    if args.backend:
-        overrides.append(f"data.backend={args.backend}")
+    methods, backends = _split(args.method), _split(args.backend)
+    if args.config and len(methods) > 1:
+        ap.error("--config names one recipe: give one --method with it")
     steps = args.window * (args.repeats + 1)
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
     load_before = os.getloadavg()
-    print(f"fastssl trainer: {cfg_name} {' '.join(overrides)} ({steps} steps)", flush=True)
-    ours = bench_fastssl(cfg_name, overrides, steps, args.window)
-    results = [{"name": "fastssl", **_summary(ours["rows"], 1)}]
-    if not args.skip_reference:
-        print(f"reference loop: {cfg_name} ({steps} steps, {workers} DataLoader workers)", flush=True)
-        ref = bench_reference(cfg_name, overrides, steps, args.window, workers)
-        results.append({"name": "reference", **_summary(ref["rows"], 1)})
+    runs = []
+    for method in methods:
+        cfg_name = args.config or f"{method}_resnet18_fmnist"
+        reference = None
+        if not args.skip_reference:
+            # The reference first: its DataLoader workers are gone before fastssl's loaders start.
+            print(f"reference loop: {cfg_name} ({steps} steps, {workers} DataLoader workers)", flush=True)
+            ref = bench_reference(cfg_name, list(args.overrides), steps, args.window, workers)
+            reference = {"name": "reference", **_summary(ref["rows"], 1)}
+        for backend in backends:
+            overrides = [*args.overrides, *([f"data.backend={backend}"] if backend else [])]
+            print(f"fastssl trainer: {cfg_name} {' '.join(overrides)} ({steps} steps)", flush=True)
+            ours = bench_fastssl(cfg_name, overrides, steps, args.window)
+            results = [{"name": "fastssl", **_summary(ours["rows"], 1)}, *([reference] if reference else [])]
+            run_report = {"method": method, "config": cfg_name, "backend": backend or "recipe",
+                          "overrides": overrides, "batch": ours["batch"], "results": results}
+            if reference:
+                run_report["speedup"] = results[0]["img_s"] / reference["img_s"]
+            runs.append(run_report)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
-    print(f"\n{'loop':<12}{'img/s':>10}{'data-wait %':>13}  windows (img/s)")
-    for r in results:
-        print(f"{r['name']:<12}{r['img_s']:>10.1f}{r['data_wait_pct']:>13.1f}  {r['windows']}")
+    print(f"\n{'method':<9}{'loader':<10}{'loop':<11}{'img/s':>9}{'data-wait %':>13}{'speedup':>9}  windows (img/s)")
+    for run_report in runs:
+        for r in run_report["results"]:
+            speedup = f"{run_report['speedup']:.2f}" if "speedup" in run_report and r["name"] == "fastssl" else ""
+            print(f"{run_report['method']:<9}{run_report['backend']:<10}{r['name']:<11}{r['img_s']:>9.1f}"
+                  f"{r['data_wait_pct']:>13.1f}{speedup:>9}  {r['windows']}")
     report = {"date": datetime.date.today().isoformat(), "device": device, "torch": torch.__version__,
-              "method": args.method, "config": cfg_name, "overrides": overrides, "batch": ours["batch"],
               "window_steps": args.window, "repeats": args.repeats, "load_before": load_before,
-              "load_after": os.getloadavg(), "results": results,
+              "load_after": os.getloadavg(), "runs": runs,
               "command": " ".join(["python", "scripts/bench_train.py", *(argv if argv is not None else sys.argv[1:])])}
-    speedup = None
-    if len(results) == 2:
-        speedup = results[0]["img_s"] / results[1]["img_s"]
-        report["speedup"] = speedup
+    speedups = [r["speedup"] for r in runs if "speedup" in r]
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     if args.plot:
-        _script("bench_loader").plot([{"backend": r["name"], "img_s": r["img_s"], "status": "ok",
-                                       "ratio_vs_pil": None} for r in results], args.plot,
-                                     f"{cfg_name} end-to-end on {device}")
+        bars, matrix = [], len(runs) > 1
+        for method in methods:
+            mine = [r for r in runs if r["method"] == method]
+            for r in mine:
+                bars.append({"backend": f"{method} {r['backend']}" if matrix else "fastssl",
+                             "img_s": r["results"][0]["img_s"], "status": "ok", "ratio_vs_pil": None})
+            if len(mine[0]["results"]) > 1:  # the method's one reference run
+                bars.append({"backend": f"{method} reference" if matrix else "reference",
+                             "img_s": mine[0]["results"][1]["img_s"], "status": "ok", "ratio_vs_pil": None})
+        title = runs[0]["config"] if len(runs) == 1 else f"{len(methods)} methods x {len(backends)} loaders"
+        _script("bench_loader").plot(bars, args.plot, f"{title} end-to-end on {device}")
     print(f"load average before {load_before}, after {report['load_after']}")
-    if speedup is not None:
-        print(f"speedup={speedup:.2f}")
+    if len(speedups) > 1:
+        geo = math.exp(statistics.fmean(math.log(x) for x in speedups))
+        print(f"{len(speedups)} method x loader pairs: speedup min {min(speedups):.2f}, max {max(speedups):.2f}, "
+              "geometric mean below")
+        report["speedup"] = geo
+        print(f"speedup={geo:.2f}")
+    elif speedups:
+        report["speedup"] = speedups[0]
+        print(f"speedup={speedups[0]:.2f}")
     return report
 
 

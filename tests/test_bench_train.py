@@ -1,0 +1,56 @@
+"""scripts/bench_train.py end to end on tiny data: one method, and a method x loader matrix."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench_train():
+    spec = importlib.util.spec_from_file_location("_bench_train_under_test", ROOT / "scripts" / "bench_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tiny(data: Path) -> list[str]:
+    return [f"data.path={data}", "data.num_workers=0", "model.width=4", "method.proj_hidden=32",
+            "method.proj_dim=16", "train.batch_size=16", "train.threads=1"]
+
+
+def test_matrix_runs_the_reference_once_per_method_and_reports_every_pair(tiny_gray_dataset, tmp_path, capsys):
+    out_json, out_png = tmp_path / "m.json", tmp_path / "m.png"
+    report = _bench_train().main(["--method", "byol,simclr", "--backend", "torch,dali", "--window", "1",
+                                  "--repeats", "1", "--workers", "0", "--json", str(out_json), "--plot",
+                                  str(out_png), *_tiny(tiny_gray_dataset)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert sum(line.startswith("reference loop:") for line in lines) == 2  # once per method, not per loader
+    assert sum(line.startswith("fastssl trainer:") for line in lines) == 4
+    saved = json.loads(out_json.read_text())
+    assert [(r["method"], r["backend"]) for r in saved["runs"]] == [
+        ("byol", "torch"), ("byol", "dali"), ("simclr", "torch"), ("simclr", "dali")]
+    for run in saved["runs"]:
+        ours, ref = run["results"]
+        assert ours["name"] == "fastssl" and ref["name"] == "reference"
+        assert ours["img_s"] > 0 and ref["img_s"] > 0 and 0 <= ours["data_wait_pct"] <= 100
+        assert f"data.backend={run['backend']}" in run["overrides"]
+        assert math.isclose(run["speedup"], ours["img_s"] / ref["img_s"])
+    # the same reference figure for both loaders of a method
+    assert saved["runs"][0]["results"][1] == saved["runs"][1]["results"][1]
+    speedups = [r["speedup"] for r in saved["runs"]]
+    geo = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
+    assert lines[-1] == f"speedup={geo:.2f}" and math.isclose(report["speedup"], geo)
+    assert out_png.stat().st_size > 1000
+
+
+def test_single_pair_prints_its_own_speedup_last(tiny_gray_dataset, tmp_path, capsys):
+    report = _bench_train().main(["--method", "byol", "--window", "1", "--repeats", "1", "--workers", "0",
+                                  *_tiny(tiny_gray_dataset)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    (run,) = report["runs"]
+    assert run["backend"] == "recipe" and lines[-1] == f"speedup={run['speedup']:.2f}"
+    assert math.isclose(run["speedup"], run["results"][0]["img_s"] / run["results"][1]["img_s"])
