@@ -335,6 +335,7 @@ def build_loader(
     cache: str = "auto",
     decode: str = "host",
     augment: bool | None = None,
+    progress: bool = True,
 ) -> Loader:
     """A loader over ``split`` of the converted dataset at ``path`` for this rank.
 
@@ -345,7 +346,9 @@ def build_loader(
     backend: "torch", "dali", "ffcv" or "auto" (dali on CUDA when installed, else torch).
     num_workers: decode processes (backend-specific default). cache: torch backend only,
       "auto" | "ram" | "none" (see pipelines.torch_loader). decode: torch backend only, "host" (PIL in the
-      workers) or "device" (the workers read bytes; torchvision decodes on the device: nvJPEG on CUDA).
+      workers) or "device" (the workers read bytes; the batch is decoded on the device: nvJPEG on CUDA).
+    progress: a progress bar for slow set-up work (the torch backend's RAM-cache fill); pass False on
+      every rank but one, and for quiet runs.
     The loader yields ``Batch``; see ``Loader`` for sharding, order and resume.
     """
     if isinstance(spec, str):
@@ -362,8 +365,8 @@ def build_loader(
     name = _resolve_backend(backend, device)
     module, cls_name, _, _ = _BACKENDS[name]
     cls = getattr(importlib.import_module(module), cls_name)
-    options = {"cache": "none" if decode == "device" and cache == "auto" else cache, "decode": decode} \
-        if name == "torch" else {}
+    options = {"cache": "none" if decode == "device" and cache == "auto" else cache, "decode": decode,
+               "progress": progress} if name == "torch" else {}
     if name != "torch" and cache not in ("auto", "none"):
         raise ValueError(f"cache={cache!r} is a torch-backend option; backend {name!r} has its own caching")
     if name != "torch" and decode != "host":

@@ -37,9 +37,11 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_training_writes_the_run_folder(tiny_gray_dataset, tmp_path):
+def test_training_writes_the_run_folder(tiny_gray_dataset, tmp_path, capfd):
     out = tmp_path / "run"
     results = _fit(tiny_gray_dataset, out, **{"eval.knn_init": "true"})
+    # train.progress=false silences every bar, the loaders' RAM-cache fills included (train and kNN splits)
+    assert "into RAM" not in capfd.readouterr().err
     assert (out / "config.yaml").is_file()
     assert load_config(str(out / "config.yaml")).train.batch_size == 16
     rows = _metrics(out)

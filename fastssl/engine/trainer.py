@@ -103,6 +103,7 @@ class Trainer:
             cfg.data.path, self.spec, cfg.train.batch_size // d.world_size, split="train", rank=d.rank,
             world_size=d.world_size, device=self.device, seed=cfg.train.seed, backend=cfg.data.backend,
             num_workers=cfg.data.num_workers, cache=cfg.data.cache, decode=cfg.data.decode,
+            progress=d.is_main and cfg.train.progress,
         )
         # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
         torch.manual_seed(cfg.train.seed)
@@ -436,7 +437,7 @@ class Trainer:
                 split: pipelines.build_loader(
                     cfg.data.path, spec, cfg.eval.batch_size, split=split, device=self.device, backend="torch",
                     num_workers=cfg.data.num_workers, cache=cfg.data.cache, decode=cfg.data.decode, shuffle=False,
-                    drop_last=False,
+                    drop_last=False, progress=self.dist.is_main and cfg.train.progress,
                 )
                 for split in ("train", "val")
             }
