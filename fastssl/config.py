@@ -31,7 +31,7 @@ class DataConfig:
     n_local: int = 0
     num_workers: int | None = None
     cache: str = "auto"  # torch backend: ram | none | auto
-    decode: str = "host"  # torch backend: host (PIL in workers) | device (torchvision nvJPEG on the GPU)
+    decode: str = "host"  # torch backend: host (PIL in workers) | device (nvJPEG: TorchCodec, else torchvision)
     mean: list[float] | None = None
     std: list[float] | None = None
     # ViewSpec fields set on every view of the preset, e.g. {scale: [0.3, 1.0], blur_p: 0.0} for 32 px data
