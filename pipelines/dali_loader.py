@@ -216,8 +216,14 @@ class DaliLoader(Loader):
         return pipe
 
     def _to_torch(self, out) -> torch.Tensor:
-        """A dense DALI TensorList (CPU or GPU) -> a torch tensor on the loader's device (a copy)."""
-        if hasattr(out, "as_cpu") and self.device.type == "cuda":
+        """A dense DALI TensorList (CPU or GPU) -> a torch tensor on the loader's device (a copy).
+
+        Only a GPU list goes through ``feed_ndarray`` into device memory: a CPU one (the labels, which stay on
+        the CPU in a GPU pipeline) would be memcpy'd by the host into a device pointer. Both kinds of list have
+        ``as_cpu``, so the test is on the type."""
+        from nvidia.dali.backend import TensorListGPU
+
+        if isinstance(out, TensorListGPU):
             from nvidia.dali.plugin.pytorch import feed_ndarray
 
             t = out.as_tensor()

@@ -197,3 +197,29 @@ def test_cuda_batches_match_cpu_batches(tiny_dataset):
         for vc, vg in zip(c.views, g.views, strict=True):
             assert vg.device.type == "cuda" and vg.is_contiguous(memory_format=torch.channels_last)
             assert (vg.cpu() - vc).abs().mean() < 0.1
+
+
+def test_cpu_outputs_of_a_gpu_pipeline_never_go_through_feed_ndarray(tiny_dataset, monkeypatch):
+    """In a GPU pipeline the labels stay a CPU TensorList; feed_ndarray would memcpy them by the host into
+    device memory (CPU and GPU lists both have ``as_cpu``, so only the list's type may decide). Checked here
+    without a GPU: the loader believes it is on cuda, and the host-to-device copy is recorded, not run."""
+    from nvidia.dali.backend import TensorListCPU
+    from nvidia.dali.plugin import pytorch as dali_torch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("feed_ndarray called on a CPU TensorList")
+
+    moved = []
+
+    def to(self, device, **kwargs):
+        moved.append(torch.device(device))
+        return self
+
+    monkeypatch.setattr(dali_torch, "feed_ndarray", refuse)
+    loader = _dali(tiny_dataset, MultiCropSpec.preset("byol", global_size=16))
+    labels = np.arange(6, dtype=np.int32).reshape(6, 1)
+    loader.device = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    out = loader._to_torch(TensorListCPU(labels))
+    monkeypatch.undo()
+    assert moved == [torch.device("cuda", 0)] and torch.equal(out, torch.from_numpy(labels))
