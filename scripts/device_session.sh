@@ -12,6 +12,19 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
 #     -d .whl omegaconf==2.4.0 'torchcodec==0.16.*'       # torchcodec 0.16 matches the machine's torch 2.11
 #
+# DALI (~300 MB of wheels: nvidia-dali-cuda130, nvidia-nvimgcodec-cu13, nvidia-libnvcomp-cu13 and small pure-Python
+# deps) does not fit the 64 MiB one call carries, and its GPU pipeline has never run. A machine keeps /tmp while
+# it is warm (30 s idle), so bring it in pieces, calls back to back:
+#   here:  pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#            -d /tmp/daliwhl nvidia-dali-cuda130==2.4.0 'nvidia-nvimgcodec-cu13[all]<0.10' \
+#            nvidia-libnvcomp-cu13==5.3.0.16 astunparse gast optree nvtx makefun 'libcst~=1.8'
+#          tar cf - -C /tmp/daliwhl . | split -b 60M - /tmp/dali.tar.part   # then per part N:
+#          rm -rf .carry && mkdir .carry && cp /tmp/dali.tar.partN .carry/   (.carry ignored via .git/info/exclude)
+#   there: each call, carry [".carry"]:  mkdir -p /tmp/parts && cp .carry/* /tmp/parts/
+#          last call: cat /tmp/parts/dali.tar.part* | tar xf - -C /tmp/dwhl && python3 -m pip install -q \
+#            --no-index --no-deps --target /tmp/site /tmp/dwhl/*.whl   (then this script: its pytest step runs
+#            test_dali_loader's CUDA test, and bench_loader.py --device cuda measures dali against torch)
+#
 # Writes into OUT: gpu_tests.txt, profile.txt, bench_train_<decoder>.{json,png,txt}. Steps keep going when
 # one fails; the exit status is the number of failed steps.
 set -uo pipefail
