@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as e:  # SIGTERM / SIGINT: checkpoint written, every rank stopped at the same step
         if e.signals is not None:  # prints the resume hint on rank 0, unless a late signal already did
             e.signals.report()
+            e.signals.ignore_late_signals()
             parser.exit(e.exit_code)
         parser.exit(e.exit_code, f"fastssl/train.py: {e}\n" if main_rank else None)
     except TrainingDiverged as e:

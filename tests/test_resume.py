@@ -345,6 +345,41 @@ print("still running", flush=True)
 """
 
 
+_FINALIZING_SCRIPT = """
+import os, signal, sys, time
+from fastssl.engine.distributed import StopSignals
+
+
+class Late:  # destroyed with __main__, after Python's finalization has put the default signal actions back
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.3)
+
+
+late = Late()
+stop = StopSignals(announce=False)
+stop.install()
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.2)
+stop.finish("resume hint\\n")
+stop.report()
+if sys.argv[1] == "ignore":
+    stop.ignore_late_signals()
+sys.exit(128 + signal.SIGTERM)
+"""
+
+
+@pytest.mark.parametrize("ignore", [False, True])
+def test_a_signal_during_the_exit_itself_keeps_the_stops_status(ignore):
+    """torchrun signals a rank that is still exiting once a peer has exited. Python's finalization restores the
+    default action of every signal with a Python handler, so a signal that late killed the rank (-SIGTERM, a
+    flaky DDP test); ignore_late_signals (train.py calls it just before exiting) keeps the stop's status."""
+    proc = subprocess.run([sys.executable, "-c", _FINALIZING_SCRIPT, "ignore" if ignore else "-"], env=_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == (128 + signal.SIGTERM if ignore else -signal.SIGTERM), proc.stderr
+    assert proc.stderr.count("resume hint") == 1, proc.stderr
+
+
 @pytest.mark.parametrize("reported", [False, True])
 def test_a_signal_after_the_checkpoint_exits_with_the_first_signals_status_and_one_hint(tmp_path, reported):
     proc = subprocess.run([sys.executable, "-c", _FINISHED_SCRIPT, "report" if reported else "-"], env=_env(),

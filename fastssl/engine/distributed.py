@@ -142,6 +142,17 @@ class StopSignals:
     def finished(self) -> bool:
         return self._finished
 
+    def ignore_late_signals(self) -> None:
+        """Just before the process exits after a finished stop: ignore further signals. Python's finalization
+        puts the default action back wherever a Python handler is set, and a late signal (torchrun's, once a
+        peer has exited) would then kill the exiting rank with -SIGTERM instead of the stop's status; an
+        ignored signal stays ignored through finalization."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        self._previous.clear()
+
     def report(self) -> None:
         """Print the ``finish`` message once (whichever comes first: the normal exit or a late signal)."""
         message, self._message = self._message, ""
