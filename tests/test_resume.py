@@ -528,3 +528,20 @@ def test_trim_metrics_drops_rows_after_the_checkpoint_and_a_torn_line(tmp_path):
     assert trim_metrics(path, 5) == 4  # steps 6, 7, 8 and the torn line
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5, 4]
     assert trim_metrics(path, 5) == 0 and trim_metrics(tmp_path / "absent.jsonl", 5) == 0
+
+
+def test_the_long_wait_for_rank_0_is_configurable_and_checked(monkeypatch):
+    """Ranks wait for rank 0's own work (kNN evaluation, checkpoint writes) in a gloo group with this timeout,
+    not in an NCCL barrier that its watchdog aborts after 10 minutes."""
+    import datetime
+
+    from fastssl.engine import distributed
+
+    monkeypatch.delenv("FASTSSL_MAIN_WAIT_HOURS", raising=False)
+    assert distributed.main_wait_timeout() == datetime.timedelta(hours=6)
+    monkeypatch.setenv("FASTSSL_MAIN_WAIT_HOURS", "0.5")
+    assert distributed.main_wait_timeout() == datetime.timedelta(minutes=30)
+    for bad in ("soon", "0", "-1"):
+        monkeypatch.setenv("FASTSSL_MAIN_WAIT_HOURS", bad)
+        with pytest.raises(ValueError, match="FASTSSL_MAIN_WAIT_HOURS"):
+            distributed.main_wait_timeout()

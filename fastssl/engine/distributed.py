@@ -3,6 +3,7 @@ collectives the trainer agrees through, and the stop signals (SIGTERM, SIGINT) e
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 import signal
@@ -55,7 +56,34 @@ def init_distributed(device: str = "auto") -> DistInfo:
             store, _, _ = next(rendezvous("env://", rank=rank, world_size=world_size))
             store = dist.PrefixStore(f"fastssl/attempt_{attempt}/", store)
             dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
+        global _wait_group
+        _wait_group = dist.new_group(backend="gloo", timeout=main_wait_timeout())
     return DistInfo(rank, world_size, local_rank, dev)
+
+
+# Rank 0 alone may work for a long time while the other ranks wait: the kNN evaluation over the whole dataset
+# (tens of minutes on ImageNet), a checkpoint written to a slow file system. They wait in a gloo group of their
+# own, with a long timeout, not in an NCCL barrier: NCCL's watchdog aborts a collective after 10 minutes.
+_wait_group: Any = None
+
+
+def main_wait_timeout() -> datetime.timedelta:
+    """How long the other ranks wait for rank 0's own work: FASTSSL_MAIN_WAIT_HOURS (default 6)."""
+    raw = os.environ.get("FASTSSL_MAIN_WAIT_HOURS", "6")
+    try:
+        hours = float(raw)
+    except ValueError:
+        raise ValueError(f"FASTSSL_MAIN_WAIT_HOURS must be a number of hours, got {raw!r}") from None
+    if not hours > 0:
+        raise ValueError(f"FASTSSL_MAIN_WAIT_HOURS must be > 0, got {raw!r}")
+    return datetime.timedelta(hours=hours)
+
+
+def wait_for_main() -> None:
+    """A barrier after work rank 0 does alone (see ``main_wait_timeout``); a plain barrier where the process
+    group was set up by someone else."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier(group=_wait_group)
 
 
 def barrier() -> None:
@@ -64,8 +92,10 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    global _wait_group
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _wait_group = None
 
 
 def _initialized() -> bool:

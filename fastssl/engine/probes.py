@@ -88,8 +88,9 @@ class OnlineLinearProbe:
         self.optimizer.step()
         with torch.no_grad():
             correct = (logits.argmax(dim=1) == labels).sum()
-            self._sums += torch.stack([loss.detach() * b, correct.to(self._sums.dtype),
-                                       torch.tensor(float(b), device=self._sums.device)])
+            # the count as a Python scalar (a kernel argument): a host tensor would be a synchronizing copy
+            self._sums[:2] += torch.stack([loss.detach() * b, correct.to(self._sums.dtype)])
+            self._sums[2] += b
 
     def log_window(self) -> dict[str, float]:
         """``{"probe_loss", "probe_top1"}`` over the probe steps since the last call ({} when there were none)."""

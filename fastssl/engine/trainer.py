@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import random
@@ -114,8 +115,8 @@ class Trainer:
         if self.device.type == "cuda" and d.world_size > 1 and getattr(method, "sync_batchnorm", True):
             method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
         self.method = method
-        self.model = DDP(method, device_ids=[d.local_rank] if self.device.type == "cuda" else None) \
-            if d.world_size > 1 else method
+        self.model = DDP(method, device_ids=[d.local_rank] if self.device.type == "cuda" else None,
+                         **_no_forward_buffer_sync()) if d.world_size > 1 else method
         o = cfg.optim
         self.peak_lr = scaled_lr(o.base_lr, cfg.train.batch_size)
         self.optimizer = build_optimizer(o, method.param_groups(o.weight_decay), self.peak_lr)
@@ -182,7 +183,7 @@ class Trainer:
             state["rng"] = rngs
             self.checkpoints.save(state, self.step)
         self._saved_step = self.step
-        distributed.barrier()
+        distributed.wait_for_main()
 
     def _resume(self) -> bool:
         """Load ``cfg.resume``: ``auto`` = the newest valid checkpoint of out_dir (rank 0 picks, every rank
@@ -247,8 +248,10 @@ class Trainer:
         self.scaler.scale(loss).backward()
         # One all-reduce a step, so that every rank decides alike: skip this update (some rank's loss is not
         # finite), and stop after this step (some rank got SIGTERM/SIGINT; the largest signal number wins).
-        flags = torch.stack([(~torch.isfinite(loss.detach())).any().float(),
-                             torch.tensor(float(self.stop_signals.signum or 0), device=loss.device)])
+        # Built on the device from a Python scalar (a kernel argument): torch.tensor(..., device=cuda) would
+        # copy from pageable host memory and wait for the whole backward first.
+        flags = (~torch.isfinite(loss.detach())).any().float().repeat(2)
+        flags[1].fill_(float(self.stop_signals.signum or 0))
         nonfinite, signum = distributed.max_across_ranks(flags)
         self._stop_signum = int(signum)
         self._skipped = nonfinite > 0
@@ -447,7 +450,8 @@ class Trainer:
     def knn_eval(self, backbone: nn.Module | None = None) -> float:
         """Weighted kNN top-1 (%) of the frozen backbone: train split as the bank, val split as queries.
 
-        Runs on rank 0 over the whole dataset; the other ranks wait. ``backbone`` defaults to the trained one.
+        Runs on rank 0 over the whole dataset; the other ranks wait (``distributed.wait_for_main``: not in an
+        NCCL collective, which would time out on a large dataset). ``backbone`` defaults to the trained one.
         """
         backbone = backbone if backbone is not None else self.method.backbone
         cfg = self.cfg
@@ -460,8 +464,20 @@ class Trainer:
                                                 if split == "train" else loader, cfg.train.precision)
             top1 = knn_top1(*feats["train"], *feats["val"], k=cfg.eval.knn_k, temperature=cfg.eval.knn_t,
                             num_classes=len(manifest["classes"]))
-        distributed.barrier()
+        distributed.wait_for_main()
         return top1
+
+
+def _no_forward_buffer_sync() -> dict:
+    """DDP's option to stop sending rank 0's buffers at every forward (MoCo v2's 32 MiB queue, SwAV's queue,
+    DINO's centre, every BatchNorm statistic): ``forward_sync_buffers=False`` where this torch has it (buffers
+    still synced once at construction), else the older ``broadcast_buffers=False`` (deprecated in recent torch;
+    the buffers start equal anyway: same seed on every rank, or the same checkpoint). The methods keep their
+    buffers equal on every rank by construction (gathered keys, all-reduced centre), SyncBatchNorm the
+    statistics on GPUs; where BatchNorm stays per rank (CPU, MoCo v2's Shuffle-BN), checkpoints hold rank 0's."""
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def trim_metrics(path: Path, last_step: int) -> int:
