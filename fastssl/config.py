@@ -188,6 +188,13 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
             f"world size {world_size}"
         )
     _validate_method(cfg.method)
+    backend = cfg.data.backend
+    if backend in ("dali", "ffcv") and cfg.data.decode != "host":
+        raise ConfigError(f"data.decode={cfg.data.decode} is a torch-backend option; data.backend={backend} decodes "
+                          "its own way (dali: nvJPEG on the GPU): drop data.decode or use data.backend=torch")
+    if backend in ("dali", "ffcv") and cfg.data.cache == "ram":
+        raise ConfigError(f"data.cache=ram is a torch-backend option; data.backend={backend} has its own caching: "
+                          "drop data.cache or use data.backend=torch")
     if (cfg.data.mean is None) != (cfg.data.std is None):
         raise ConfigError("data.mean and data.std: set both or neither")
 

@@ -1038,10 +1038,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "src",
         metavar="SRC",
-        help=f"ImageFolder tree (class folders, optionally under train/ and val/) or {FASHION_MNIST!r} "
-        f"(a local folder of that name: write ./{FASHION_MNIST})",
+        help=f"ImageFolder tree (class folders, optionally under train/ and val/) or the name {FASHION_MNIST!r} "
+        f"(the IDX files of the Debian package dataset-fashion-mnist in {FASHION_MNIST_DIR})",
     )
-    p.add_argument("dst", metavar="DST", nargs="?", help="output folder for manifest.json and the shards")
+    # "%(default).0s" prints nothing: it keeps ArgumentDefaultsHelpFormatter from appending "(default: None)"
+    p.add_argument("dst", metavar="DST", nargs="?",
+                   help="output folder for manifest.json and the shards (required; with --verify, the converted "
+                   "folder to check)%(default).0s")
     p.add_argument(
         "--max-side",
         type=int,

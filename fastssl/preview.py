@@ -76,9 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = MultiCropSpec.preset(args.spec, global_size=args.global_size, local_size=args.local_size,
                                     n_local=args.n_local)
         # augment=True: show the training views even for the val split.
+        # cache="none": a few images are shown, the RAM cache would decode the whole split first
         loader = build_loader(args.dataset, spec, args.n, split=args.split, seed=args.seed, backend=args.backend,
                               augment=True, num_workers=0 if args.backend == "torch" else None,
-                              drop_last=False)
+                              drop_last=False, cache="none")
         batch = next(iter(loader))
     except (ValueError, ImportError, OSError) as e:
         print(f"fastssl-preview: {e}", file=sys.stderr)

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="recipe name in fastssl/configs or a YAML path")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=256")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may stand before or after --config
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

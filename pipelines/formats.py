@@ -192,7 +192,9 @@ def load_manifest(folder: str | os.PathLike) -> dict:
     folder = Path(folder)
     path = folder / MANIFEST
     if not folder.is_dir():
-        raise DatasetFormatError(f"{folder}: no such dataset folder; create it with `fastssl-convert SRC {folder}`")
+        where = "" if folder.is_absolute() else f" (relative to the current directory {Path.cwd()})"
+        raise DatasetFormatError(f"{folder}: no such dataset folder{where}; create it with "
+                                 f"`fastssl-convert SRC {folder}`")
     if not path.is_file():
         raise DatasetFormatError(
             f"{path}: missing; {folder} is not a converted dataset (run `fastssl-convert SRC {folder}`)"

@@ -32,11 +32,22 @@ def test_overrides_apply_with_types():
         ("method.temprature=0.2", "method.temprature"),
         ("method.base_tau=1.5", "method.base_tau"),
         ("optim.name=adam", "optim.name"),
+        (["data.backend=dali", "data.decode=device"], "data.decode=device is a torch-backend option"),
+        (["data.backend=ffcv", "data.cache=ram"], "data.cache=ram is a torch-backend option"),
     ],
 )
 def test_bad_key_or_value_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config("byol_resnet50_imagenet", [override])
+        load_config("byol_resnet50_imagenet", override if isinstance(override, list) else [override])
+
+
+def test_overrides_may_stand_on_either_side_of_config(capsys):
+    """`train.py a=1 --config R b=2`: argparse's plain parse_args would call b=2 an unrecognized argument."""
+    from fastssl.train import main
+
+    with pytest.raises(SystemExit) as exc:  # both sides reach load_config, which names the bad value
+        main(["train.batch_size=0", "--config", "byol_resnet18_fmnist", "train.max_steps=2"])
+    assert exc.value.code == 2 and "train.batch_size=0: must be > 0" in capsys.readouterr().err
 
 
 def test_unknown_recipe_lists_the_known_ones():

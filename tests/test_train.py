@@ -115,3 +115,14 @@ def test_checkpoint_write_that_fails_leaves_the_previous_file_intact(tmp_path):
         save_checkpoint({"step": 2, "bad": lambda: None}, path)
     assert load_checkpoint(path)["step"] == 1
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]  # no temp file left behind
+
+
+def test_a_run_refused_for_its_data_leaves_no_run_folder(tmp_path, monkeypatch):
+    from pipelines.formats import DatasetFormatError
+
+    out = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetFormatError, match=rf"no_data: no such dataset folder \(relative to the current "
+                                                 rf"directory {tmp_path}\).*fastssl-convert SRC no_data"):
+        _fit(Path("no_data"), out)
+    assert not out.exists()

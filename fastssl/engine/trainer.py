@@ -96,9 +96,6 @@ class Trainer:
     def _setup(self) -> None:
         cfg, d = self.cfg, self.dist
         self._seed()
-        if d.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(self.out_dir / "config.yaml", OmegaConf.to_yaml(cfg).encode())
         self.spec = build_spec(cfg)
         self.loader = pipelines.build_loader(
             cfg.data.path, self.spec, cfg.train.batch_size // d.world_size, split="train", rank=d.rank,
@@ -106,6 +103,9 @@ class Trainer:
             num_workers=cfg.data.num_workers, cache=cfg.data.cache, decode=cfg.data.decode,
             progress=d.is_main and cfg.train.progress,
         )
+        if d.is_main:  # after the data checks: a run refused for its data leaves no run folder behind
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.out_dir / "config.yaml", OmegaConf.to_yaml(cfg).encode())
         # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
         torch.manual_seed(cfg.train.seed)
         method = build_model(cfg).to(self.device)

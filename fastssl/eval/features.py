@@ -48,7 +48,8 @@ def dataset_features(backbone: nn.Module, meta: dict, data: str | os.PathLike, *
     out = {}
     for split in ("train", "val"):
         loader = build_loader(data, spec, batch_size, split=split, device=device, backend="torch",
-                              num_workers=num_workers, shuffle=False, drop_last=False, augment=False)
+                              num_workers=num_workers, shuffle=False, drop_last=False, augment=False,
+                              progress=progress)
         total = manifest["splits"][split]["count"]
         limit = max_train if split == "train" and 0 < max_train < total else 0
         with tqdm(total=limit or total, unit="img", desc=f"features {split}", disable=not progress,
