@@ -19,7 +19,7 @@ from fastssl.engine.checkpoint import load_checkpoint, save_checkpoint
 from fastssl.engine.trainer import Trainer, build_model
 from fastssl.eval import export, knn, linear
 from fastssl.eval.linear import train_linear
-from fastssl.eval.weights import load_backbone
+from fastssl.eval.weights import ExportError, load_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADS = ["method.proj_hidden=32", "method.proj_dim=16", "method.pred_hidden=32"]
@@ -87,6 +87,11 @@ def test_momentum_branch_and_small_image_stem_export(tmp_path, capsys):
     tv.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
     tv.load_state_dict(torch.load(out / "backbone.pth", weights_only=True), strict=True)
     torch.testing.assert_close(tv.conv1.weight, model.target_backbone.conv1.weight)
+    # An export holds one branch: asking it for the other is an error, not the exported branch in disguise.
+    for path in (out, out / "backbone.safetensors", out / "backbone.pth"):
+        assert load_backbone(path, "momentum")[1]["branch"] == load_backbone(path)[1]["branch"] == "momentum"
+        with pytest.raises(ExportError, match="an export of the momentum branch; --branch online needs the training"):
+            load_backbone(path, "online")
 
 
 def test_vit_exports_as_safetensors_only_and_loads_back(tmp_path, capsys):

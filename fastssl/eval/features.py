@@ -78,9 +78,10 @@ def add_input_args(parser) -> None:
                         help="a training checkpoint (run/checkpoints/last.pt), a fastssl-export folder, or its "
                              "backbone.safetensors / backbone.pth")
     parser.add_argument("--data", required=True, metavar="DIR", help="a converted dataset with train and val splits")
-    parser.add_argument("--branch", choices=("online", "momentum"), default="online",
+    parser.add_argument("--branch", choices=("online", "momentum"), default=None,
                         help="for a checkpoint: the trained backbone or the method's momentum copy (BYOL target, "
-                             "MoCo key encoder, DINO teacher); default online")
+                             "MoCo key encoder, DINO teacher); default online. An export holds the branch it "
+                             "was made from: naming the other one is an error")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward (default 256)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
@@ -114,6 +115,6 @@ def features_from_args(args, **extract) -> tuple[dict, list, dict]:
         backbone, meta, args.data, batch_size=args.batch_size, device=pick_device(args.device), precision=precision,
         num_workers=args.num_workers, image_size=args.image_size, progress=not args.no_progress, **extract)
     info = {"precision": precision, "image_size": args.image_size or meta["image_size"],
-            "checkpoint": str(args.checkpoint), "branch": meta.get("branch", args.branch), "step": meta.get("step"),
-            "data": str(args.data)}
+            "checkpoint": str(args.checkpoint), "branch": meta.get("branch", args.branch or "online"),
+            "step": meta.get("step"), "data": str(args.data)}
     return feats, classes, info

@@ -158,15 +158,16 @@ def write_export(state: dict[str, torch.Tensor], meta: dict, out_dir: str | os.P
     return written
 
 
-def read_backbone(path: str | os.PathLike, branch: str = "online") -> tuple[dict[str, torch.Tensor], dict]:
+def read_backbone(path: str | os.PathLike, branch: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """(state_dict, description) from a training checkpoint, an export folder, its ``backbone.safetensors``, or
-    its ``backbone.pth`` (described by the ``export.json`` beside it)."""
+    its ``backbone.pth`` (described by the ``export.json`` beside it). branch: a checkpoint's ``online``
+    (default) or ``momentum`` backbone; for an export, None or the branch it holds."""
     path = Path(path)
     if path.is_dir():
         if (path / SAFETENSORS_NAME).is_file():
-            return read_backbone(path / SAFETENSORS_NAME)
+            return read_backbone(path / SAFETENSORS_NAME, branch)
         if (path / PTH_NAME).is_file():
-            return read_backbone(path / PTH_NAME)
+            return read_backbone(path / PTH_NAME, branch)
         raise ExportError(f"{path}: a folder without {SAFETENSORS_NAME} or {PTH_NAME}; pass a checkpoint file or "
                           "a folder written by fastssl-export")
     if not path.is_file():
@@ -182,18 +183,27 @@ def read_backbone(path: str | os.PathLike, branch: str = "online") -> tuple[dict
             raise ExportError(f"{path}: cannot be read as safetensors ({type(e).__name__}: {e})") from None
         if meta_json is None:
             raise ExportError(f"{path}: no fastssl description in its metadata; it was not written by fastssl-export")
-        return state, json.loads(meta_json)
+        return state, _export_of_branch(path, json.loads(meta_json), branch)
     if path.suffix == ".pth" and (path.parent / META_NAME).is_file():
         meta = json.loads((path.parent / META_NAME).read_text())
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ExportError(f"{path}: cannot be read as a state_dict ({type(e).__name__}: {e})") from None
-        return state, meta
-    return checkpoint_backbone(path, branch)
+        return state, _export_of_branch(path, meta, branch)
+    return checkpoint_backbone(path, branch or "online")
 
 
-def load_backbone(path: str | os.PathLike, branch: str = "online") -> tuple[nn.Module, dict]:
+def _export_of_branch(path: Path, meta: dict, branch: str | None) -> dict:
+    """An export holds one branch: asking it for the other one is an error, not a silent substitution."""
+    exported = meta.get("branch", "online")
+    if branch is not None and branch != exported:
+        raise ExportError(f"{path}: an export of the {exported} branch; --branch {branch} needs the training "
+                          f"checkpoint (or an export made with fastssl-export --branch {branch})")
+    return meta
+
+
+def load_backbone(path: str | os.PathLike, branch: str | None = None) -> tuple[nn.Module, dict]:
     """The trained backbone module (CPU, eval mode) and its description, from anything :func:`read_backbone` reads."""
     state, meta = read_backbone(path, branch)
     if meta.get("format") != EXPORT_FORMAT:
