@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastssl.config import ConfigError, load_config
     from fastssl.convert import ConvertError, convert
     from fastssl.engine.trainer import run
+    from pipelines.formats import load_manifest
 
     argv = sys.argv[1:] if argv is None else argv
     t0 = time.perf_counter()
@@ -36,14 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"Using the converted dataset in {data}", flush=True)
     t_convert = time.perf_counter() - t0
-    print(f"Training {RECIPE}: {cfg.train.epochs} epochs, batch {cfg.train.batch_size}, run folder {cfg.out_dir}",
-          flush=True)
+    length = f"{cfg.train.epochs} epochs" + (f" (at most {cfg.train.max_steps} steps)" if cfg.train.max_steps > 0
+                                              else "")
+    print(f"Training {RECIPE}: {length}, batch {cfg.train.batch_size}, run folder {cfg.out_dir}", flush=True)
     results = run(cfg)
     total = time.perf_counter() - t0
     init, ssl = results["knn_top1_init"], results["knn_top1"]
     print()
-    print(f"Fashion-MNIST weighted kNN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_t}; bank: 60,000 train, "
-          f"queries: 10,000 test images)")
+    splits = load_manifest(data)["splits"]
+    limit = cfg.eval.knn_max_train
+    bank = f"{splits['train']['count']:,d}" if not 0 < limit < splits["train"]["count"] else f"the first {limit:,d}+"
+    print(f"{data.name} weighted kNN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_t}; bank: {bank} train, "
+          f"queries: {splits['val']['count']:,d} test images)")
     print(f"  {cfg.model.backbone} (width {cfg.model.width}) at random init : {init:6.2f} %")
     print(f"  after BYOL, {results['steps']} steps        : {ssl:6.2f} %   ({ssl - init:+.2f} points)")
     print(f"wall time: {total / 60:.1f} min (conversion {t_convert:.0f} s); run folder: {cfg.out_dir}")
