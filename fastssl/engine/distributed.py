@@ -86,11 +86,6 @@ def wait_for_main() -> None:
         dist.barrier(group=_wait_group)
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def shutdown() -> None:
     global _wait_group
     if dist.is_available() and dist.is_initialized():
