@@ -75,6 +75,7 @@ from pipelines.formats import (
     shard_counts,
     shard_paths,
 )
+from pipelines.progress import progress_bar
 from pipelines.spec import MultiCropSpec, ViewSpec
 from pipelines.torch_loader import index_shard
 
@@ -378,13 +379,13 @@ def _page_size(max_side: int) -> int:
 
 
 @contextlib.contextmanager
-def _writer_progress(show: bool) -> Iterator[None]:
-    """FFCV's DatasetWriter always draws a tqdm bar; without ``show`` it gets a disabled one."""
+def _writer_progress(show: bool, desc: str) -> Iterator[None]:
+    """FFCV's DatasetWriter always draws a tqdm bar: it gets ours instead (plain lines in a log), disabled
+    without ``show``."""
     import ffcv.writer
 
     bar = ffcv.writer.tqdm
-    if not show:
-        ffcv.writer.tqdm = functools.partial(bar, disable=True)
+    ffcv.writer.tqdm = functools.partial(progress_bar, desc=desc, unit="img", disable=not show)
     try:
         yield
     finally:
@@ -408,7 +409,7 @@ def write_beton(path: str | os.PathLike, shard_files: Sequence[str | os.PathLike
     writer = None
     try:
         writer = DatasetWriter(str(tmp), fields, page_size=_page_size(max_side), num_workers=max(1, workers))
-        with _writer_progress(progress):
+        with _writer_progress(progress, path.name):
             writer.from_indexed_dataset(samples, chunksize=64)
         fd = os.open(tmp, os.O_RDONLY)
         try:

@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipelines import STREAM_CROP, Batch, Loader, derive_seed, prefetch
 from pipelines.formats import DatasetFormatError, iter_samples, load_manifest, shard_counts, shard_paths
+from pipelines.progress import progress_bar
 from pipelines.spec import MultiCropSpec
 
 RAM_CACHE_BUDGET = 2 << 30  # bytes of decoded uint8 pixels per rank that cache="auto" keeps in memory
@@ -359,7 +360,7 @@ def default_num_workers() -> int:
 class TorchLoader(Loader):
     """torchvision/PIL backend; see the module docstring. Arguments as ``pipelines.build_loader``, plus
     ``decode`` ("host": PIL in the workers; "device": see the module docstring), ``cache_budget`` (bytes for
-    cache="auto") and ``progress`` (a tqdm bar while filling the RAM cache)."""
+    cache="auto") and ``progress`` (a progress bar while filling the RAM cache)."""
 
     def __init__(
         self,
@@ -434,10 +435,8 @@ class TorchLoader(Loader):
         pixels = np.empty((n, h, w, channels), dtype=np.uint8)
         labels = np.empty(n, dtype=np.int64)
 
-        from tqdm import tqdm
-
-        bar = tqdm(total=n, desc=f"decoding {self.path.name}/{self.split} into RAM", unit="img",
-                   disable=not progress or self.rank != 0, leave=False)
+        bar = progress_bar(total=n, desc=f"decoding {self.path.name}/{self.split} into RAM", unit="img",
+                           disable=not progress or self.rank != 0, leave=False)
         items = [(first_pos, first_label)]
         decoded = [first]
         # PIL decodes outside the GIL: a thread pool decodes each chunk on all cores.

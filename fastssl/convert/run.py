@@ -115,7 +115,7 @@ def _convert_planned(source, src, dst, journal, settings, workers, progress, wri
     pool = ProcessPoolExecutor(workers, initializer=_ignore_sigint) if workers > 1 else None
     try:
         if pool is not None:
-            # Start the workers now, before tqdm starts its monitor thread: with the fork start method
+            # Start the workers now, before a live tqdm bar starts its monitor thread: with the fork start method
             # a child forked from a parent that has threads can deadlock on a lock held by one of them.
             pool.submit(int).result()
         for plan in source.splits:

@@ -18,6 +18,7 @@ from fastssl.convert.find import _SplitPlan
 from fastssl.convert.image import KEPT, REENCODED, RESIZED, _Result
 from fastssl.convert.resume import JOURNAL, _Journal
 from pipelines.formats import MANIFEST, SPLITS, ShardWriter
+from pipelines.progress import progress_bar
 
 DEFAULT_SHARD_SIZE = 10_000  # Fashion-MNIST: 6 train shards + 1 val shard, enough to spread over ranks
 FORMATS = ("wds", "ffcv")  # wds: the shards every backend's manifest points at; ffcv: plus <split>.beton
@@ -66,8 +67,6 @@ def _convert_split(
     progress: bool,
     journal: _Journal,
 ) -> tuple[dict, list[dict]]:
-    from tqdm import tqdm
-
     done = journal.resumable(dst, plan.name)
     shards: list[dict] = [dict(e["shard"]) for e in done]
     skipped: list[dict] = [item for e in done for item in e["skipped"]]
@@ -80,8 +79,8 @@ def _convert_split(
     open_counts = [0] * num_classes
     open_stats = dict.fromkeys(stats, 0)
     writer: ShardWriter | None = None
-    bar = tqdm(total=len(plan.names), initial=start, desc=plan.name, unit="img", file=sys.stderr,
-               disable=not progress, leave=True)  # fmt: skip
+    bar = progress_bar(total=len(plan.names), initial=start, desc=plan.name, unit="img", file=sys.stderr,
+                       disable=not progress, leave=True)  # fmt: skip
 
     def close_shard(stop: int) -> None:
         nonlocal writer, open_skipped, open_counts, open_stats

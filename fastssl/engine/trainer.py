@@ -16,7 +16,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 import pipelines
 from fastssl.config import ConfigError, validate
@@ -29,6 +28,7 @@ from fastssl.methods import build_method
 from fastssl.models import build_backbone
 from fastssl.optim.lars import LARS
 from fastssl.optim.schedules import scaled_lr, warmup_cosine
+from pipelines import progress
 from pipelines.formats import atomic_write_bytes, load_manifest
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -220,9 +220,9 @@ class Trainer:
             self.batch_in_epoch = self.batch_in_epoch * self.steps_per_epoch // saved_steps_per_epoch
             loader["batch"] = self.batch_in_epoch
             if self.dist.is_main:
-                tqdm.write(f"{path}: {saved_steps_per_epoch} steps per epoch there, {self.steps_per_epoch} here "
-                           f"(world size {state.get('world_size')} -> {self.dist.world_size}): step {self.step} "
-                           f"becomes {self.epoch * self.steps_per_epoch + self.batch_in_epoch}")
+                progress.write(f"{path}: {saved_steps_per_epoch} steps per epoch there, {self.steps_per_epoch} here "
+                               f"(world size {state.get('world_size')} -> {self.dist.world_size}): step {self.step} "
+                               f"becomes {self.epoch * self.steps_per_epoch + self.batch_in_epoch}")
             self.step = self.epoch * self.steps_per_epoch + self.batch_in_epoch
         self.loader.load_state_dict(loader)
         rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]] * int(state.get("world_size", 1))
@@ -230,7 +230,7 @@ class Trainer:
             set_rng_state(rngs[self.dist.rank])
         self.bad_steps = {k: int(v) for k, v in state.get("bad_steps", self.bad_steps).items()}
         if self.dist.is_main:
-            tqdm.write(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
+            progress.write(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
         return True
 
     # ------------------------------------------------------------------------------------------- fit
@@ -291,8 +291,8 @@ class Trainer:
         tb = _tensorboard(self.out_dir / "tb") if main else None
         wb = open_wandb(cfg, self.out_dir) if main else None
         data_wait = DataWaitMonitor(self.loader, self.device.type)
-        bar = tqdm(total=self.stop_step, initial=self.step, disable=not (main and cfg.train.progress),
-                   unit="step", dynamic_ncols=True, desc=f"{cfg.method.name}")
+        bar = progress.progress_bar(total=self.stop_step, initial=self.step, disable=not (main and cfg.train.progress),
+                                    unit="step", dynamic_ncols=True, desc=f"{cfg.method.name}")
         global_batch = cfg.train.batch_size
         window = {"n": 0, "time": 0.0, "wait": 0.0}
         loss = None
@@ -397,7 +397,7 @@ class Trainer:
             tb.add_scalar("eval/knn_top1", top1, self.step)
             if wb is not None:
                 wb.log(row, self.step, prefix="eval")
-            tqdm.write(f"epoch {self.epoch} step {self.step}: kNN top-1 {top1:.2f}%")
+            progress.write(f"epoch {self.epoch} step {self.step}: kNN top-1 {top1:.2f}%")
 
     def _count_bad_step(self, metrics) -> None:
         """After each step: a skipped one (non-finite loss) is counted, logged as a metrics row
@@ -413,8 +413,8 @@ class Trainer:
                    "bad_steps_total": self.bad_steps["total"]}
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
-            tqdm.write(f"warning: step {self.step}: the loss is not finite (on at least one rank); update skipped "
-                       f"({in_row} in a row, {self.bad_steps['total']} in all; train.max_bad_steps={limit})")
+            progress.write(f"warning: step {self.step}: the loss is not finite (on at least one rank); update skipped "
+                           f"({in_row} in a row, {self.bad_steps['total']} in all; train.max_bad_steps={limit})")
         if in_row >= limit:
             raise TrainingDiverged(
                 f"stopped at step {self.step}: the loss was not finite for {in_row} steps in a row "
