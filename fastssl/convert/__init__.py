@@ -15,6 +15,9 @@ and listed with a reason in the summary and in ``manifest.json`` (``"skipped"``)
 run: truncated or corrupt data, empty files, non-images with an image extension, files declaring more
 than ``--max-pixels`` pixels (decompression bombs, rejected before decoding), unreadable files. Empty
 class folders, symlink loops (each real folder is entered once) and unlistable folders are listed there too.
+Each real image file (device and inode) is converted once, under the class whose folder holds it: a symlink
+that leads into another class folder or above the class folders is listed and not followed, and a second
+path to a file already found is listed; links to storage outside SRC are followed.
 
 A kill leaves no partial file under a final name: a shard is written to a hidden temp name and renamed
 when complete, and ``manifest.json`` comes last. A hidden progress journal records each finished shard's

@@ -82,30 +82,65 @@ def _apply_order(names: list[str], labels: list[int], seed: int, limit: int | No
     return order
 
 
-def _walk_images(top: str, src: Path, problems: list[tuple[str, str]], ignored: list[int]) -> Iterator[str]:
-    """Relative posix paths of the image files under ``top``, sorted, following symlinks.
+def _within(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or inside it (both real, absolute paths)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
-    Directory symlinks are followed but each real directory is entered once, so a symlink loop ends
-    (and is reported) instead of recursing until the path is too long. Unlistable folders are
-    reported, never fatal. ``problems`` receives ``(relative path, reason)``; ``ignored[0]`` counts the
-    other files.
+
+@dataclass
+class _Tree:
+    """Where the dataset's folders really are, to judge where a symlink inside a class folder leads."""
+
+    src: Path
+    roots: list[str]  # real paths of SRC and its split folders
+    classes: dict[str, str] = field(default_factory=dict)  # real path of a class folder -> "train/cat"
+
+    def refusal(self, real: str, own: str) -> str | None:
+        """Why a symlink leading to ``real``, inside the class folder whose real path is ``own``, is not followed;
+        None when it is: inside its own class folder (a loop is caught by the visited set) or outside the dataset
+        (storage elsewhere that holds this class's images)."""
+        if _within(real, own):
+            return None
+        for folder, name in self.classes.items():
+            if folder != own and _within(real, folder):
+                return f"leads into the class folder {name}/, whose images are converted there"
+        if any(_within(folder, real) for folder in [*self.classes, *self.roots]):
+            return "leads to a folder above the class folders"
+        return None
+
+    def rel(self, path: str) -> str:
+        return Path(path).relative_to(self.src).as_posix()
+
+
+def _walk_images(top: str, own: str, tree: _Tree, seen: dict[tuple[int, int], str], problems: list[tuple[str, str]],
+                 ignored: list[int]) -> Iterator[tuple[str, tuple[int, int] | None, bool]]:
+    """``(relative posix path, file key, reached through a link)`` of the image files under ``top``; the file
+    key is ``(st_dev, st_ino)`` of the real file, None when unknown (a dangling or looping link: reported when read).
+
+    Symlinks are followed unless ``tree`` refuses them (into another class folder, or above the class folders:
+    reported, not followed). Each real directory is entered once (``seen``: key -> relative path, shared by
+    the whole scan), so a symlink loop ends (and is reported) instead of recursing until the path is too long;
+    linked folders are entered after the plain tree, so a folder reached both ways keeps its plain path.
+    Unlistable folders are reported, never fatal. ``problems`` receives ``(relative path, reason)``;
+    ``ignored[0]`` counts the other files.
     """
-    seen: set[tuple[int, int]] = set()
 
-    def rel(path: str) -> str:
-        return Path(path).relative_to(src).as_posix()
-
-    def walk(folder: str) -> Iterator[str]:
+    def walk(folder: str, via_link: bool) -> Iterator[tuple[str, tuple[int, int] | None, bool]]:
         try:
             st = os.stat(folder)
             key = (st.st_dev, st.st_ino)
             if key in seen:
-                problems.append((rel(folder) + "/", "symlink loop: folder already visited, not entered again"))
+                first = seen[key]
+                if _within(os.path.realpath(os.path.dirname(folder)), os.path.realpath(folder)):
+                    reason = "symlink loop: folder already visited, not entered again"
+                else:
+                    reason = f"the same folder as {first}/, already converted: not entered again"
+                problems.append((tree.rel(folder) + "/", reason))
                 return
-            seen.add(key)
+            seen[key] = tree.rel(folder)
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as e:
-            problems.append((rel(folder) + "/", f"cannot list folder: {e.strerror or e}"))
+            problems.append((tree.rel(folder) + "/", f"cannot list folder: {e.strerror or e}"))
             return
         subdirs = []
         for entry in entries:
@@ -117,23 +152,52 @@ def _walk_images(top: str, src: Path, problems: list[tuple[str, str]], ignored: 
                 is_dir = entry.is_dir()  # follows symlinks; False for a dangling or looping link
             except OSError:
                 is_dir = False
-            if is_dir:
+            is_link = entry.is_symlink()
+            is_image = os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
+            if is_link and (is_dir or is_image):
+                why = tree.refusal(os.path.realpath(entry.path), own)
+                if why is not None:
+                    problems.append((tree.rel(entry.path) + ("/" if is_dir else ""),
+                                     f"symlink to {os.readlink(entry.path)}: {why}; not followed"))
+                    continue
+            if is_dir and is_link:
+                linked.append(entry.path)
+            elif is_dir:
                 subdirs.append(entry.path)
-            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
-                yield rel(entry.path)  # unreadable or looping files are reported when read
+            elif is_image:
+                # readdir's inode costs no system call; only a link needs a stat to find its file.
+                if is_link:
+                    try:
+                        target = os.stat(entry.path)
+                        file_key = (target.st_dev, target.st_ino)
+                    except OSError:
+                        file_key = None  # unreadable or looping: reported when read
+                else:
+                    file_key = (st.st_dev, entry.inode())
+                yield tree.rel(entry.path), file_key, via_link or is_link
             else:
                 ignored[0] += 1
         for sub in subdirs:
-            yield from walk(sub)
+            yield from walk(sub, via_link)
 
-    # Files first, then sub-folders: the order os.walk gave before, so outputs stay the same.
-    return walk(top)
+    def walk_all() -> Iterator[tuple[str, tuple[int, int] | None, bool]]:
+        yield from walk(top, False)
+        while linked:
+            yield from walk(linked.pop(0), True)
+
+    linked: list[str] = []
+    return walk_all()
 
 
 def _scan_imagefolder(src: Path) -> tuple[dict[str, list[tuple[str, str]]], str, int, list[dict]]:
     """Find image files per split: ``{split: [(relative posix path, class name)]}``, layout, ignored count,
-    and the problems found while scanning (``{"split", "path", "reason"}``: empty class folders,
-    symlink loops, unlistable folders)."""
+    and the problems found while scanning (``{"split", "path", "reason"}``: empty class folders, symlink
+    loops, unlistable folders, symlinks not followed, second paths to a file already found).
+
+    Each real file (device and inode) is converted once, under the class folder that holds it: a symlink
+    that leads into another class folder, or above the class folders, is reported and not followed; a file
+    reached twice (a link to a file of its own class, two links to one file elsewhere) is kept at its
+    plain path (else its first path) and its other paths are reported."""
     if (src / "train").is_dir():
         layout = "train/val"
         roots = {"train": src / "train"}
@@ -142,15 +206,16 @@ def _scan_imagefolder(src: Path) -> tuple[dict[str, list[tuple[str, str]]], str,
     else:
         layout = "flat"
         roots = {"train": src}
-    found: dict[str, list[tuple[str, str]]] = {}
     problems: list[dict] = []
     ignored = 0
+    tree = _Tree(src, [os.path.realpath(src), *(os.path.realpath(r) for r in roots.values())])
+    class_dirs: dict[str, list[tuple[str, str, str]]] = {}  # split -> [(class name, path, real path)]
     for split, root in roots.items():
-        files: list[tuple[str, str]] = []
         try:
             entries = sorted(os.scandir(root), key=lambda e: e.name)
         except OSError as e:
             raise ConvertError(f"{root}: cannot list ({e.strerror or e})") from e
+        class_dirs[split] = []
         for entry in entries:
             if entry.name.startswith("."):
                 continue
@@ -161,18 +226,52 @@ def _scan_imagefolder(src: Path) -> tuple[dict[str, list[tuple[str, str]]], str,
             if not is_dir:
                 ignored += 1  # files beside the class folders have no class
                 continue
-            found_here: list[tuple[str, str]] = []
+            class_dirs[split].append((entry.name, entry.path, os.path.realpath(entry.path)))
+    # A class folder that is a link to another class folder, or to SRC or a split folder, holds no class of its
+    # own. Plain folders claim their real path first, so a link never displaces the folder it points to.
+    plain_first = sorted(((split, path, real) for split, dirs in class_dirs.items() for _, path, real in dirs),
+                         key=lambda c: os.path.islink(c[1]))
+    for split, path, real in plain_first:
+        why = None
+        if real in tree.classes:
+            why = f"the same folder as the class folder {tree.classes[real]}/"
+        elif any(_within(r, real) for r in tree.roots):
+            why = "leads to a folder above the class folders"
+        if why is None:
+            tree.classes[real] = tree.rel(path)
+        else:
+            problems.append({"split": split, "path": tree.rel(path) + "/",
+                             "reason": f"symlink to {os.readlink(path)}: {why}; class left out"})
+    candidates: list[tuple[str, str, str, tuple[int, int] | None, bool]] = []
+    seen: dict[tuple[int, int], str] = {}
+    for split, dirs in class_dirs.items():
+        for name, path, real in dirs:
+            if tree.classes.get(real) != tree.rel(path):
+                continue  # refused above
+            found_here: list[tuple[str, str, str, tuple[int, int] | None, bool]] = []
             folder_problems: list[tuple[str, str]] = []
             counter = [0]
-            for rel in _walk_images(entry.path, src, folder_problems, counter):
-                found_here.append((rel, entry.name))
+            for rel, file_key, via_link in _walk_images(path, real, tree, seen, folder_problems, counter):
+                found_here.append((split, rel, name, file_key, via_link))
             ignored += counter[0]
-            problems += [{"split": split, "path": path, "reason": reason} for path, reason in folder_problems]
+            problems += [{"split": split, "path": p, "reason": reason} for p, reason in folder_problems]
             if not found_here:
-                problems.append({"split": split, "path": Path(entry.path).relative_to(src).as_posix() + "/",
+                problems.append({"split": split, "path": tree.rel(path) + "/",
                                  "reason": "empty class folder: no image files; class left out"})
-            files += found_here
-        found[split] = files
+            candidates += found_here
+    # Each real file once: at its first path not reached through a link, else at its first path.
+    holder: dict[tuple[int, int], str] = {}
+    for via_links in (False, True):
+        for _, rel, _, file_key, via_link in candidates:
+            if file_key is not None and via_link == via_links:
+                holder.setdefault(file_key, rel)
+    found: dict[str, list[tuple[str, str]]] = {split: [] for split in roots}
+    for split, rel, name, file_key, _ in candidates:
+        if file_key is None or holder[file_key] == rel:
+            found[split].append((rel, name))
+        else:
+            problems.append({"split": split, "path": rel,
+                             "reason": f"the same file as {holder[file_key]}, converted there once"})
     return found, layout, ignored, problems
 
 

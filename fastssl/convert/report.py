@@ -26,7 +26,8 @@ def format_summary(manifest: dict, dst: str | os.PathLike, seconds: float, max_s
         )
     skipped = manifest.get("skipped", [])
     if skipped:
-        lines.append(f"  skipped {len(skipped)} path(s) (not decodable, unreadable, empty folder, loop):")
+        lines.append(f"  skipped {len(skipped)} path(s) (not decodable, unreadable, empty folder, loop, "
+                     "link not followed, second path to a file):")
         for item in skipped[:max_skipped]:
             lines.append(f"    {item['path']}: {item['reason']}")
         if len(skipped) > max_skipped:
