@@ -2,14 +2,16 @@
 
 On a terminal, :func:`progress_bar` is a live tqdm bar. Anywhere else (output redirected to a file or a pipe,
 ``make demo > demo.log 2>&1``, a batch job), tqdm's carriage-return frames would fill the log with thousands
-of lines; there it prints plain lines instead: one when the work crosses each tenth, one after
-``LOG_INTERVAL_S`` seconds without a line (so a slow step still shows life), and a last one with the total
-time and rate. A line reads::
+of lines; there it prints plain lines instead: one when the work crosses each tenth, one after a while
+without a line (so slow work still shows life), and a last one with the total time and rate. That while is
+``LOG_INTERVAL_S`` at first and grows with the elapsed time (a twentieth of it, at most ten intervals): a
+bar of 20 minutes prints at most about 30 lines, one of 7 hours about 100, a week-long run a line every 10
+minutes. A line reads::
 
     byol: 940/1876 step (50%), 0:07:30 elapsed, ETA 07:28, 2.09 step/s, loss=0.1234, lr=0.3
 
 Environment: ``FASTSSL_PROGRESS=bar`` or ``log`` forces a mode (default: ``bar`` when the bar's stream is a
-terminal); ``FASTSSL_PROGRESS_INTERVAL`` sets the seconds between time-driven lines in a log.
+terminal); ``FASTSSL_PROGRESS_INTERVAL`` sets the first gap (seconds) between time-driven lines in a log.
 
 This lives in ``pipelines`` so that both packages use it (the RAM-cache fill and the .beton writer here; the
 converter, the trainer and the evaluations in fastssl): pipelines never import fastssl.
@@ -27,7 +29,9 @@ from tqdm import tqdm
 
 MODE_ENV = "FASTSSL_PROGRESS"
 INTERVAL_ENV = "FASTSSL_PROGRESS_INTERVAL"
-LOG_INTERVAL_S = 60.0  # a week-long run logs about 10,000 lines at this rate; a demo a few dozen
+LOG_INTERVAL_S = 60.0  # the first gap between time-driven lines in a log
+LOG_GAP_FRACTION = 1 / 20  # later gaps: this share of the elapsed time...
+LOG_MAX_INTERVALS = 10  # ...at most this many first gaps
 LOG_STEPS = 10  # a line at each tenth of the work...
 LOG_MIN_GAP_S = 1.0  # ...unless the previous line is younger than this (a fast bar prints only its last line)
 
@@ -79,7 +83,11 @@ def write(message: str, file: TextIO | None = None) -> None:
 
 
 class LogProgress:
-    """tqdm's interface for a log: plain lines (see the module docstring), never a carriage return."""
+    """tqdm's interface for a log: plain lines (see the module docstring), never a carriage return.
+
+    ``interval``: the first gap between time-driven lines (default ``LOG_INTERVAL_S`` or the environment's);
+    ``clock``: seconds, monotonic (tests pass a fake one).
+    """
 
     def __init__(self, iterable: Iterable | None = None, *, total: float | None = None, desc: str = "",
                  unit: str = "it", initial: float = 0, file: TextIO | None = None,
@@ -127,7 +135,8 @@ class LogProgress:
         if finished:
             return  # close() prints the last line, with the final rate
         crossed = step > self._step and now - self.last_line >= LOG_MIN_GAP_S
-        if crossed or now - self.last_line >= self.interval:
+        gap = min(LOG_MAX_INTERVALS * self.interval, max(self.interval, LOG_GAP_FRACTION * (now - self.start)))
+        if crossed or now - self.last_line >= gap:
             self._step = step
             self._print(now)
 

@@ -72,6 +72,27 @@ def test_a_slow_bar_in_a_log_prints_a_line_per_interval():
     assert lines[0].startswith("byol: 2/1,000 step (0%), 01:00 elapsed, ETA 8:19:00, 0.0333 step/s")
 
 
+def test_a_bar_of_hours_prints_ever_fewer_lines_as_it_goes():
+    """The demo on a crowded machine (7 hours) or a week-long run: the gap grows to 10 intervals, no more."""
+    out, clock = io.StringIO(), FakeClock()
+    bar = LogProgress(total=10**9, desc="byol", unit="step", file=out, clock=clock, interval=60)
+    times = []
+    for _ in range(7 * 360):  # 7 hours, a step every 10 s, no tenth crossed
+        clock.now += 10
+        before = out.getvalue().count("\n")
+        bar.update(1)
+        if out.getvalue().count("\n") > before:
+            times.append(clock.now - 1000.0)
+    assert 80 <= len(times) <= 100
+    gaps = np.diff([0.0, *times])
+    assert gaps[:20].max() == 60  # the first 20 minutes: a line a minute
+    assert gaps.max() == 600  # later at most 10 minutes apart
+    for _ in range(7 * 24 * 360):  # a week
+        clock.now += 10
+        bar.update(1)
+    assert out.getvalue().count("\n") < 7 * 24 * 6 + 100
+
+
 def test_unpause_keeps_an_evaluation_out_of_the_rate_and_a_resumed_bar_counts_only_new_work():
     out, clock = io.StringIO(), FakeClock()
     bar = LogProgress(total=200, initial=100, desc="byol", unit="step", file=out, clock=clock)
