@@ -174,8 +174,9 @@ class LogProgress:
         if self.total:
             count += f" ({100 * self.n / self.total:.0f}%)"
         parts = [f"{self.desc}: {count}" if self.desc else count]
-        if last:
-            parts.append(f"done in {tqdm.format_interval(elapsed)}")
+        if last:  # a bar closed early (an interruption, train.max_steps) does not say done
+            finished = self.total is None or self.n >= self.total
+            parts.append(f"{'done in' if finished else 'ended after'} {tqdm.format_interval(elapsed)}")
         else:
             parts.append(f"{tqdm.format_interval(elapsed)} elapsed")
             if self.total and rate > 0:

@@ -114,6 +114,12 @@ def test_iterating_a_log_bar_counts_each_item_and_ends_with_one_line():
     out = io.StringIO()
     assert list(progress_bar(range(5), desc="linear", unit="epoch", file=out)) == [0, 1, 2, 3, 4]
     assert _lines(out.getvalue())[-1].startswith("linear: 5/5 epoch (100%), done in")
+    out = io.StringIO()
+    bar = progress_bar(total=10, desc="byol", unit="step", file=out)
+    bar.update(3)
+    bar.close()  # stopped by a signal
+    (line,) = _lines(out.getvalue())
+    assert line.startswith("byol: 3/10 step (30%), ended after 00:00")
 
 
 def test_a_terminal_gets_a_live_bar_and_the_environment_can_force_either(monkeypatch):
