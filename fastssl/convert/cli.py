@@ -30,6 +30,7 @@ def _limit_arg(text: str) -> int | dict[str, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``fastssl-convert``."""
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Convert an ImageFolder tree or Fashion-MNIST into fastssl webdataset shards.",

@@ -23,7 +23,7 @@ class VerifyError(ConvertError):
     exit_code = 1
 
 
-def _output_error(e: OSError, path: Path) -> OutputError:
+def output_error(e: OSError, path: Path) -> OutputError:
     """A write failure as a one-line error naming the file (the OS often names none, e.g. for ENOSPC)."""
     name = e.filename if e.filename else path
     return OutputError(f"{name}: cannot write: {e.strerror or e}")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from fastssl.convert.errors import ConvertError
-from fastssl.convert.image import _encode_files, _encode_gray_arrays, _Result
+from fastssl.convert.image import Result, encode_files, encode_gray_arrays
 from pipelines.formats import SPLITS
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})  # compared lower-cased
@@ -31,22 +31,22 @@ _FASHION_MNIST_FILES = {"train": "train", "val": "t10k"}  # our split -> file pr
 
 
 @dataclass
-class _SplitPlan:
+class SplitPlan:
     """One split to convert: per-sample names and labels in output order, and how to encode them."""
 
     name: str
     names: list[str]  # relative path (ImageFolder) or "train/123" (Fashion-MNIST): reports and order
     labels: list[int]
-    encode: Callable[[Any], list[_Result]]  # picklable; takes one payload chunk
+    encode: Callable[[Any], list[Result]]  # picklable; takes one payload chunk
     payload: Callable[[int, int], Any]  # (start, stop) -> the chunk of work for those samples
     chunk: int  # samples per task sent to a worker
 
 
 @dataclass
-class _Source:
+class Source:
     kind: str
     classes: list[str]
-    splits: list[_SplitPlan]
+    splits: list[SplitPlan]
     info: dict = field(default_factory=dict)
     problems: list[dict] = field(default_factory=list)  # found while scanning: reported like skipped files
 
@@ -275,9 +275,11 @@ def _scan_imagefolder(src: Path) -> tuple[dict[str, list[tuple[str, str]]], str,
     return found, layout, ignored, problems
 
 
-def _plan_imagefolder(
+def plan_imagefolder(
     src: Path, max_side: int, quality: int, seed: int, limits: dict[str, int | None], max_pixels: int
-) -> _Source:
+) -> Source:
+    """Scan the ImageFolder tree ``src`` and plan its splits: class-mixed order, ``limits`` applied, files
+    encoded by :func:`encode_files`. Raises ConvertError when SRC is missing or holds no train images."""
     if not src.exists():
         raise ConvertError(
             f"{src}: no such file or directory (SRC is an ImageFolder tree or the name {FASHION_MNIST!r})"
@@ -310,11 +312,11 @@ def _plan_imagefolder(
         labels = [labels[i] for i in order]
         paths = [str(src / rel) for rel in names]
         plans.append(
-            _SplitPlan(
+            SplitPlan(
                 name=split,
                 names=names,
                 labels=labels,
-                encode=partial(_encode_files, max_side=max_side, quality=quality, max_pixels=max_pixels),
+                encode=partial(encode_files, max_side=max_side, quality=quality, max_pixels=max_pixels),
                 payload=lambda a, b, paths=paths: paths[a:b],
                 chunk=16,
             )
@@ -322,7 +324,7 @@ def _plan_imagefolder(
     info = {"kind": "imagefolder", "path": str(src.resolve()), "layout": layout, "ignored_files": ignored}
     if notes:
         info["notes"] = notes
-    return _Source("imagefolder", classes, plans, info, problems)
+    return Source("imagefolder", classes, plans, info, problems)
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -384,7 +386,9 @@ def _load_fashion_mnist() -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dic
     return data, info
 
 
-def _plan_fashion_mnist(quality: int, seed: int, limits: dict[str, int | None]) -> _Source:
+def plan_fashion_mnist(quality: int, seed: int, limits: dict[str, int | None]) -> Source:
+    """Plan Fashion-MNIST's train and val (test) splits from the Debian package's IDX files (else a torchvision
+    download): class-mixed order, ``limits`` applied, each 28x28 image encoded as a grayscale JPEG."""
     data, info = _load_fashion_mnist()
     plans = []
     for split, (images, labels_arr) in data.items():
@@ -393,19 +397,20 @@ def _plan_fashion_mnist(quality: int, seed: int, limits: dict[str, int | None]) 
         order = np.asarray(_apply_order(names, labels, seed, limits.get(split)), dtype=np.int64)
         images = images[order]  # a copy in output order, so chunks are contiguous slices
         plans.append(
-            _SplitPlan(
+            SplitPlan(
                 name=split,
                 names=[names[i] for i in order],
                 labels=[labels[i] for i in order],
-                encode=partial(_encode_gray_arrays, quality=quality),
+                encode=partial(encode_gray_arrays, quality=quality),
                 payload=lambda a, b, images=images: images[a:b],
                 chunk=2000,
             )
         )
-    return _Source(FASHION_MNIST, list(FASHION_MNIST_CLASSES), plans, {"kind": FASHION_MNIST, **info})
+    return Source(FASHION_MNIST, list(FASHION_MNIST_CLASSES), plans, {"kind": FASHION_MNIST, **info})
 
 
-def _parse_limits(limit: int | dict[str, int] | None) -> dict[str, int | None]:
+def parse_limits(limit: int | dict[str, int] | None) -> dict[str, int | None]:
+    """``--limit`` (N for every split, or ``{"train": N, "val": M}``) as ``{split: N}``; ConvertError if invalid."""
     if limit is None:
         return {}
     if isinstance(limit, int):

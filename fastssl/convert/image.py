@@ -33,10 +33,10 @@ _GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "F"})
 
 # What a worker says about one sample: how it was stored, or (jpeg=None) why it was skipped.
 KEPT, REENCODED, RESIZED = "kept", "reencoded", "resized"
-_Result = tuple[bytes | None, str]
+Result = tuple[bytes | None, str]
 
 
-def encode_image_bytes(data: bytes, max_side: int, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> _Result:
+def encode_image_bytes(data: bytes, max_side: int, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Result:
     """Turn the bytes of one image file into the JPEG to store.
 
     Returns ``(jpeg, how)`` with ``how`` in {"kept", "reencoded", "resized"}, or ``(None, reason)`` when
@@ -71,7 +71,7 @@ def encode_image_bytes(data: bytes, max_side: int, quality: int, max_pixels: int
         return None, f"cannot decode: {type(e).__name__}: {e}"
 
 
-def _encode_opened(im: Image.Image, data: bytes, max_side: int, quality: int) -> _Result:
+def _encode_opened(im: Image.Image, data: bytes, max_side: int, quality: int) -> Result:
     width, height = im.size
     orientation = im.getexif().get(_EXIF_ORIENTATION, 1) if im.format in ("JPEG", "WEBP", "PNG") else 1
     fits = max(width, height) <= max_side
@@ -133,10 +133,11 @@ def _read_source(path: str) -> bytes:
         return f.read()
 
 
-def _encode_files(
+def encode_files(
     paths: Sequence[str], max_side: int, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> list[_Result]:
-    out: list[_Result] = []
+) -> list[Result]:
+    """Read and encode each file of ``paths`` (a worker's chunk); an unreadable file becomes ``(None, reason)``."""
+    out: list[Result] = []
     for path in paths:
         try:
             data = _read_source(path)
@@ -147,6 +148,6 @@ def _encode_files(
     return out
 
 
-def _encode_gray_arrays(images: np.ndarray, quality: int) -> list[_Result]:
+def encode_gray_arrays(images: np.ndarray, quality: int) -> list[Result]:
     """(N, H, W) uint8 -> one grayscale JPEG per image."""
     return [(_jpeg(Image.fromarray(a, "L"), quality), REENCODED) for a in images]

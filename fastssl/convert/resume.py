@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastssl.convert.find import _Source
+from fastssl.convert.find import Source
 from pipelines.formats import atomic_write_bytes, sha256_file
 
 # Progress journal of an unfinished conversion (hidden; removed once manifest.json is written): the
@@ -17,7 +17,7 @@ JOURNAL = ".fastssl-convert-progress.json"
 
 
 @dataclass
-class _Journal:
+class Journal:
     """The progress file of one conversion: after each finished shard, every split's finished shards.
 
     Each entry: ``{"shard": ShardInfo fields, "stop": plan position after its last sample, "skipped": files
@@ -31,7 +31,7 @@ class _Journal:
     resumed: int = 0  # shards kept from an interrupted run
 
     @classmethod
-    def open(cls, dst: Path, fingerprint: str) -> _Journal:
+    def open(cls, dst: Path, fingerprint: str) -> Journal:
         path = dst / JOURNAL
         splits: dict[str, list[dict]] = {}
         try:
@@ -70,7 +70,7 @@ class _Journal:
             self.path.unlink()
 
 
-def _fingerprint(source: _Source, settings: dict) -> str:
+def source_fingerprint(source: Source, settings: dict) -> str:
     """sha256 of what decides the output: settings, source, and every split's sample list in order."""
     h = hashlib.sha256(json.dumps({"settings": settings, "source": source.info}, sort_keys=True).encode())
     for plan in source.splits:

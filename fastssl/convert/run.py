@@ -9,27 +9,28 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from fastssl.convert.errors import ConvertError, _output_error
-from fastssl.convert.find import FASHION_MNIST, _parse_limits, _plan_fashion_mnist, _plan_imagefolder
+from fastssl.convert.errors import ConvertError, output_error
+from fastssl.convert.find import FASHION_MNIST, parse_limits, plan_fashion_mnist, plan_imagefolder
 from fastssl.convert.image import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, DEFAULT_QUALITY
 from fastssl.convert.report import PROG
-from fastssl.convert.resume import _fingerprint, _Journal
+from fastssl.convert.resume import Journal, source_fingerprint
 from fastssl.convert.write import (
     DEFAULT_FFCV_MAX_SIDE,
     DEFAULT_FFCV_QUALITY,
     DEFAULT_SHARD_SIZE,
     FFCV_MAX_SIDE_LIMIT,
-    _convert_split,
-    _ignore_sigint,
-    _import_ffcv_writer,
-    _parse_formats,
-    _prepare_dst,
-    _remove_stale_outputs,
+    convert_split,
+    ignore_sigint,
+    import_ffcv_writer,
+    parse_formats,
+    prepare_dst,
+    remove_stale_outputs,
 )
 from pipelines.formats import FORMAT_NAME, FORMAT_VERSION, beton_name, write_manifest
 
 
 def default_workers() -> int:
+    """Encoding processes when ``--workers`` is not given: the cores, at most 4."""
     return max(1, min(4, os.cpu_count() or 1))
 
 
@@ -71,24 +72,24 @@ def convert(
         raise ConvertError(f"--shard-size must be >= 1, got {shard_size}")
     if max_pixels < 1:
         raise ConvertError(f"--max-pixels must be >= 1, got {max_pixels}")
-    formats = _parse_formats(formats)
+    formats = parse_formats(formats)
     if not 1 <= ffcv_max_side <= FFCV_MAX_SIDE_LIMIT:
         raise ConvertError(f"--ffcv-max-side must be in 1..{FFCV_MAX_SIDE_LIMIT}, got {ffcv_max_side}")
     if not 1 <= ffcv_quality <= 100:
         raise ConvertError(f"--ffcv-quality must be in 1..100, got {ffcv_quality}")
-    write_betons = _import_ffcv_writer() if "ffcv" in formats else None
+    write_betons = import_ffcv_writer() if "ffcv" in formats else None
     workers = default_workers() if workers is None else workers
     if workers < 0:
         raise ConvertError(f"--workers must be >= 0, got {workers}")
-    limits = _parse_limits(limit)
+    limits = parse_limits(limit)
     dst = Path(dst)
 
     # Plan (and so validate SRC) before touching DST: a typo in SRC must not delete an old manifest.
     if os.fspath(src) == FASHION_MNIST:
-        source = _plan_fashion_mnist(quality, seed, limits)
+        source = plan_fashion_mnist(quality, seed, limits)
     else:
-        source = _plan_imagefolder(Path(src), max_side, quality, seed, limits, max_pixels)
-    _prepare_dst(dst, overwrite)
+        source = plan_imagefolder(Path(src), max_side, quality, seed, limits, max_pixels)
+    prepare_dst(dst, overwrite)
     settings = {
         "max_side": max_side,
         "quality": quality,
@@ -98,12 +99,12 @@ def convert(
         "formats": list(formats),
         "max_pixels": max_pixels,
     }
-    journal = _Journal.open(dst, _fingerprint(source, settings))
+    journal = Journal.open(dst, source_fingerprint(source, settings))
     try:
         return _convert_planned(source, src, dst, journal, settings, workers, progress, write_betons,
                                 ffcv_max_side, ffcv_quality)  # fmt: skip
     except OSError as e:
-        raise _output_error(e, dst) from e
+        raise output_error(e, dst) from e
 
 
 def _convert_planned(source, src, dst, journal, settings, workers, progress, write_betons, ffcv_max_side,
@@ -112,14 +113,14 @@ def _convert_planned(source, src, dst, journal, settings, workers, progress, wri
     splits: dict[str, dict] = {}
     skipped: list[dict] = []
     first_key = 0
-    pool = ProcessPoolExecutor(workers, initializer=_ignore_sigint) if workers > 1 else None
+    pool = ProcessPoolExecutor(workers, initializer=ignore_sigint) if workers > 1 else None
     try:
         if pool is not None:
             # Start the workers now, before a live tqdm bar starts its monitor thread: with the fork start method
             # a child forked from a parent that has threads can deadlock on a lock held by one of them.
             pool.submit(int).result()
         for plan in source.splits:
-            split_manifest, split_skipped = _convert_split(
+            split_manifest, split_skipped = convert_split(
                 plan,
                 dst,
                 first_key=first_key,
@@ -152,7 +153,7 @@ def _convert_planned(source, src, dst, journal, settings, workers, progress, wri
         ffcv = write_betons(dst, {"splits": splits}, max_side=ffcv_max_side, quality=ffcv_quality,
                             workers=max(1, workers), progress=progress)
         written |= {f["name"] for f in ffcv["files"].values()}
-    _remove_stale_outputs(dst, written)
+    remove_stale_outputs(dst, written)
     manifest = {
         "classes": source.classes,
         "splits": splits,

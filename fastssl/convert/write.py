@@ -13,10 +13,10 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
-from fastssl.convert.errors import ConvertError, _output_error
-from fastssl.convert.find import _SplitPlan
-from fastssl.convert.image import KEPT, REENCODED, RESIZED, _Result
-from fastssl.convert.resume import JOURNAL, _Journal
+from fastssl.convert.errors import ConvertError, output_error
+from fastssl.convert.find import SplitPlan
+from fastssl.convert.image import KEPT, REENCODED, RESIZED, Result
+from fastssl.convert.resume import JOURNAL, Journal
 from pipelines.formats import MANIFEST, SPLITS, ShardWriter
 from pipelines.progress import progress_bar
 
@@ -36,8 +36,8 @@ _OUTPUT_TEMP = re.compile(
 
 
 def _ordered_results(
-    plan: _SplitPlan, pool: ProcessPoolExecutor | None, workers: int, start: int = 0
-) -> Iterator[_Result]:
+    plan: SplitPlan, pool: ProcessPoolExecutor | None, workers: int, start: int = 0
+) -> Iterator[Result]:
     """Results of the samples ``start:`` of ``plan`` in plan order; at most a few chunks in flight (bounded memory)."""
     n = len(plan.names)
     starts = range(start, n, plan.chunk)
@@ -55,8 +55,8 @@ def _ordered_results(
         yield from pending.popleft().result()
 
 
-def _convert_split(
-    plan: _SplitPlan,
+def convert_split(
+    plan: SplitPlan,
     dst: Path,
     *,
     first_key: int,
@@ -65,8 +65,12 @@ def _convert_split(
     pool: ProcessPoolExecutor | None,
     workers: int,
     progress: bool,
-    journal: _Journal,
+    journal: Journal,
 ) -> tuple[dict, list[dict]]:
+    """Encode the samples of ``plan`` (in ``pool``, or here without one) into shards of ``shard_size`` in ``dst``,
+    keys numbered from ``first_key``, each finished shard recorded in ``journal``; a resumed split keeps the
+    journal's shards that still verify and starts after them. Returns the split's manifest entry
+    (count, shards, class_counts, stored) and its skipped samples; a write failure raises OutputError."""
     done = journal.resumable(dst, plan.name)
     shards: list[dict] = [dict(e["shard"]) for e in done]
     skipped: list[dict] = [item for e in done for item in e["skipped"]]
@@ -119,7 +123,7 @@ def _convert_split(
             with contextlib.suppress(OSError):
                 writer.abort()
         if isinstance(e, OSError):
-            raise _output_error(e, target) from e
+            raise output_error(e, target) from e
         raise
     finally:
         bar.close()
@@ -127,7 +131,8 @@ def _convert_split(
     return {"count": count, "shards": shards, "class_counts": class_counts, "stored": stats}, skipped
 
 
-def _prepare_dst(dst: Path, overwrite: bool) -> None:
+def prepare_dst(dst: Path, overwrite: bool) -> None:
+    """Create ``dst``; an earlier dataset there is refused, or with ``overwrite`` loses its manifest first."""
     if dst.exists() and not dst.is_dir():
         raise ConvertError(f"{dst}: exists and is not a directory")
     manifest = dst / MANIFEST
@@ -141,10 +146,10 @@ def _prepare_dst(dst: Path, overwrite: bool) -> None:
     try:
         dst.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise _output_error(e, dst) from e
+        raise output_error(e, dst) from e
 
 
-def _remove_stale_outputs(dst: Path, keep: set[str]) -> None:
+def remove_stale_outputs(dst: Path, keep: set[str]) -> None:
     """Delete shards/indexes of an earlier run that this run did not rewrite, and dead temp files."""
     for entry in os.scandir(dst):
         name = entry.name
@@ -153,13 +158,14 @@ def _remove_stale_outputs(dst: Path, keep: set[str]) -> None:
             os.unlink(entry.path)
 
 
-def _ignore_sigint() -> None:
-    # Ctrl-C reaches the whole process group: let only the parent handle it (abort the open shard,
-    # print one line) instead of every worker printing a KeyboardInterrupt traceback.
+def ignore_sigint() -> None:
+    """Worker initializer: Ctrl-C reaches the whole process group; only the parent handles it (abort the open
+    shard, print one line) instead of every worker printing a KeyboardInterrupt traceback."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
+def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
+    """``--formats`` ("wds" or "wds,ffcv", or a sequence) as a tuple in FORMATS order; ConvertError if invalid."""
     names = formats.split(",") if isinstance(formats, str) else list(formats)
     names = [n.strip().lower() for n in names if n.strip()]
     for n in names:
@@ -172,7 +178,7 @@ def _parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(f for f in FORMATS if f in names)
 
 
-def _import_ffcv_writer():
+def import_ffcv_writer():
     """``pipelines.ffcv_loader.write_betons``, or a ConvertError saying how to install FFCV."""
     try:
         from pipelines.ffcv_loader import write_betons
