@@ -87,6 +87,14 @@ def _within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
+def _link_text(path: str) -> str:
+    """What the symlink ``path`` says (its target as written), for reports; never raises."""
+    try:
+        return os.readlink(path)
+    except OSError as e:  # vanished, or not a link after all
+        return f"? ({e.strerror or e})"
+
+
 @dataclass
 class _Tree:
     """Where the dataset's folders really are, to judge where a symlink inside a class folder leads."""
@@ -158,7 +166,7 @@ def _walk_images(top: str, own: str, tree: _Tree, seen: dict[tuple[int, int], st
                 why = tree.refusal(os.path.realpath(entry.path), own)
                 if why is not None:
                     problems.append((tree.rel(entry.path) + ("/" if is_dir else ""),
-                                     f"symlink to {os.readlink(entry.path)}: {why}; not followed"))
+                                     f"symlink to {_link_text(entry.path)}: {why}; not followed"))
                     continue
             if is_dir and is_link:
                 linked.append(entry.path)
@@ -241,7 +249,7 @@ def _scan_imagefolder(src: Path) -> tuple[dict[str, list[tuple[str, str]]], str,
             tree.classes[real] = tree.rel(path)
         else:
             problems.append({"split": split, "path": tree.rel(path) + "/",
-                             "reason": f"symlink to {os.readlink(path)}: {why}; class left out"})
+                             "reason": f"symlink to {_link_text(path)}: {why}; class left out"})
     candidates: list[tuple[str, str, str, tuple[int, int] | None, bool]] = []
     seen: dict[tuple[int, int], str] = {}
     for split, dirs in class_dirs.items():
