@@ -483,7 +483,8 @@ def test_signal_to_one_rank_stops_both_at_one_step_and_one_rank_resumes(tiny_gra
 
 def test_moco_queue_survives_resume_on_one_rank(tiny_gray_dataset, tmp_path):
     out = tmp_path / "run"
-    ddp = _run(_train_cmd(tiny_gray_dataset, out, "mocov2", nproc=2, **{"train.max_steps": 2}), tmp_path / "ddp")
+    ddp = _run(_train_cmd(tiny_gray_dataset, out, "mocov2", nproc=2, **{"train.max_steps": 2, "train.epochs": 2}),
+               tmp_path / "ddp")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     saved = load_checkpoint(out / "checkpoints" / "last.pt")
     assert saved["step"] == 2 and saved["world_size"] == 2
@@ -565,6 +566,74 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tiny_gray_datas
 def test_checkpoint_settings_are_validated_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config("byol_resnet18_fmnist", [override])
+
+
+# ------------------------------------------------------------------------------------------ changed config
+def test_config_changes_at_resume_are_sorted_into_accepted_and_refused():
+    from omegaconf import OmegaConf
+
+    from fastssl.config import resume_changes
+
+    saved = OmegaConf.to_container(load_config("byol_resnet18_fmnist"))
+    del saved["resume_allow_changes"]  # a checkpoint from before the key existed: its default, not a change
+    cfg = load_config("byol_resnet18_fmnist", [
+        "method.base_tau=0.5", "train.batch_size=64", "data.aug.blur_p=0.5", "optim.base_lr=0.1",
+        "train.log_every=5", "train.epochs=8", "eval.knn_k=5", "data.num_workers=3", "out_dir=elsewhere",
+        "resume_allow_changes=[optim]"])
+    changes = {c.key: c for c in resume_changes(saved, cfg)}
+    assert {k for k, c in changes.items() if not c.accepted} == {"method.base_tau", "train.batch_size", "data.aug"}
+    assert {k for k, c in changes.items() if c.accepted} == {
+        "optim.base_lr", "train.log_every", "train.epochs", "eval.knn_k", "data.num_workers", "out_dir",
+        "resume_allow_changes"}
+    assert str(changes["method.base_tau"]) == "method.base_tau: 0.99 -> 0.5 (changes what is trained)"
+    assert "allowed by resume_allow_changes" in str(changes["optim.base_lr"])
+    assert "schedules now end at epoch 8" in str(changes["train.epochs"])
+    shorter = resume_changes(saved, load_config("byol_resnet18_fmnist", ["train.epochs=2"]))
+    assert [(c.key, c.accepted) for c in shorter] == [("train.epochs", False)]  # train.max_steps stops early instead
+    other = {c.key: c for c in resume_changes(saved, load_config("simclr_resnet18_fmnist"))}
+    assert {"method.name", "method.pred_hidden", "method.temperature"} <= other.keys()  # keys on one side only
+    assert str(other["method.pred_hidden"]) == "method.pred_hidden: 2048 -> (absent) (changes what is trained)"
+    assert not any(c.accepted for k, c in other.items() if k.startswith("method."))
+
+
+def test_resume_with_a_changed_config_lists_every_difference_and_refuses_what_changes_training(
+        tiny_gray_dataset, tmp_path, capsys):
+    from fastssl.train import main
+
+    out = tmp_path / "run"
+    _fit(tiny_gray_dataset, out, **{"train.max_steps": 2})
+    capsys.readouterr()
+    config_yaml = (out / "config.yaml").read_text()
+    args = ["--config", "byol_resnet18_fmnist", *_overrides(tiny_gray_dataset, out, **{"train.max_steps": 4})]
+    # What is trained changes: refused before anything is built or written, every difference listed.
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "method.base_tau=0.5", "train.batch_size=8", "train.log_every=2"])
+    captured = capsys.readouterr()
+    assert exc.value.code == 2 and "Traceback" not in captured.err
+    err = captured.err
+    assert "step-000002.pt: this config changes what the checkpoint's run trains" in err, err
+    assert "  method.base_tau: 0.99 -> 0.5 (changes what is trained)" in err
+    assert "  train.batch_size: 16 -> 8 (changes what is trained)" in err
+    assert "resume_allow_changes=[method.base_tau,train.batch_size]" in err and "resume=none" in err
+    assert "train.log_every" not in err  # not in the refusal: it would have been accepted
+    assert (out / "config.yaml").read_text() == config_yaml
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 2
+    # What is trained stays: accepted, a line each.
+    results = _fit(tiny_gray_dataset, out, **{"train.max_steps": 4, "train.log_every": 2, "train.epochs": 4})
+    stdout = capsys.readouterr().out
+    assert results["steps"] == 4
+    assert "resume: config changed since the checkpoint: train.log_every: 1 -> 2 (accepted: does not change what " \
+           "is trained)" in stdout
+    assert "train.max_steps: 2 -> 4 (accepted" in stdout
+    assert "train.epochs: 3 -> 4 (accepted: a longer run; the learning-rate and momentum schedules now end at " \
+           "epoch 4)" in stdout
+    assert "resumed from" in stdout
+    # An explicit override lets a change through, said as such; the checkpoints then carry the new value.
+    results = _fit(tiny_gray_dataset, out, **{"train.max_steps": 5, "train.log_every": 2, "train.epochs": 4,
+                                              "method.base_tau": 0.5, "resume_allow_changes": "[method.base_tau]"})
+    assert results["steps"] == 5
+    assert "method.base_tau: 0.99 -> 0.5 (allowed by resume_allow_changes)" in capsys.readouterr().out
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["config"]["method"]["base_tau"] == 0.5
 
 
 if __name__ == "__main__":
