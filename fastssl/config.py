@@ -1,18 +1,25 @@
 """Run configuration: a dataclass schema, a YAML recipe from fastssl/configs, and ``key=value`` overrides.
 
 ``load_config("byol_resnet18_fmnist", ["train.batch_size=128"])`` merges schema <- recipe <- overrides
-with OmegaConf; an unknown key, a wrong type or an impossible combination stops with a ConfigError
-that names the key.
+with OmegaConf; an unknown key, a wrong type, a value out of its range (every field has a check, in
+``_RULES`` / ``_CHOICES`` / ``_METHOD_RULES``) or an impossible combination stops with a one-line ConfigError
+that names the key and the valid range. ``resume_changes`` sorts the differences between a checkpoint's
+config and the current one into those a resume accepts and those it refuses.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+import pipelines
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -110,15 +117,144 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     out_dir: str = "runs/default"
     resume: str = "auto"  # auto: newest valid checkpoint in out_dir/checkpoints if any | none | a checkpoint path
+    # Keys (or whole sections: "optim", "method") a resume may change although they change what is trained;
+    # other such changes are refused (see resume_changes and the README's "Resuming with a changed config").
+    resume_allow_changes: list[str] = field(default_factory=list)
 
 
 _CHOICES = {
     "data.backend": ("torch", "dali", "ffcv", "auto"),
     "data.decode": ("host", "device"),
     "data.cache": ("ram", "none", "auto"),
+    "data.spec": tuple(sorted(n for n in pipelines.PRESETS if n != "eval")),  # eval: one view, nothing to learn
     "optim.name": ("lars", "sgd", "adamw"),
     "train.precision": ("bf16", "fp16", "fp32"),
 }
+
+
+# A range check: (what the value must be, for the message; the test).
+Rule = tuple[str, Callable[[Any], bool]]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(low: int, high: int | None = None) -> Rule:
+    what = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+    return what, lambda v: _is_int(v) and v >= low and (high is None or v <= high)
+
+
+def _real(low: float, high: float | None = None, *, open_low: bool = False, open_high: bool = False) -> Rule:
+    if high is None:
+        what = f"a number {'>' if open_low else '>='} {low:g}"
+    else:
+        what = f"a number in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+
+    def ok(v: Any) -> bool:
+        if not _is_real(v):
+            return False
+        above = v > low if open_low else v >= low
+        below = high is None or (v < high if open_high else v <= high)
+        return above and below
+
+    return what, ok
+
+
+def _optional(rule: Rule, meaning: str) -> Rule:
+    return f"{rule[0]}, or null ({meaning})", lambda v: v is None or rule[1](v)
+
+
+def _numbers(n: int, element: Rule, each: str) -> Rule:
+    return f"a list of {n} numbers, each {each}", \
+        lambda v: isinstance(v, list | tuple) and len(v) == n and all(element[1](x) for x in v)
+
+
+def _text() -> Rule:
+    return "a non-empty string", lambda v: isinstance(v, str) and v.strip() != ""
+
+
+_PROB = _real(0.0, 1.0)
+# Every field of the schema that is not a choice (_CHOICES) or a bool (OmegaConf enforces bools); the test
+# test_every_schema_field_has_a_check keeps it so when a field is added.
+_RULES: dict[str, Rule] = {
+    "data.path": _text(),
+    "data.global_size": _int(1),
+    "data.local_size": _int(1),
+    "data.n_local": _int(0),
+    "data.num_workers": _optional(_int(0), "one decode process per core, at most 8"),
+    "data.mean": _optional(_numbers(3, ("", _is_real), "finite (R, G, B)"), "the preset's"),
+    "data.std": _optional(_numbers(3, _real(0.0, open_low=True), "> 0 (R, G, B)"), "the preset's"),
+    "data.aug": ("a mapping of ViewSpec fields", lambda v: isinstance(v, dict)),  # values: checked by build_spec
+    "model.backbone": None,  # filled below: a choice among the registered backbones
+    "model.width": _int(1),
+    "optim.base_lr": _real(0.0, open_low=True),
+    "optim.weight_decay": _real(0.0),
+    "optim.final_weight_decay": _optional(_real(0.0), "a constant weight decay"),
+    "optim.momentum": _real(0.0, 1.0, open_high=True),
+    "optim.eta": _real(0.0, open_low=True),
+    "optim.betas": _numbers(2, _real(0.0, 1.0, open_high=True), "in [0, 1)"),
+    "optim.warmup_epochs": _real(0.0),
+    "optim.final_lr": _real(0.0),
+    "train.batch_size": _int(1),
+    "train.epochs": _int(1),
+    "train.max_steps": _int(0),
+    "train.seed": _int(0, 2**32 - 1),  # numpy's seed range
+    "train.log_every": _int(1),
+    "train.checkpoint_every": _int(0),
+    "train.keep_checkpoints": _int(1),
+    "train.max_bad_steps": _int(1),
+    "train.threads": _int(0),
+    "eval.knn_k": _int(1),
+    "eval.knn_t": _real(0.0, open_low=True),
+    "eval.knn_max_train": _int(0),
+    "eval.knn_every": _int(0),
+    "eval.batch_size": _int(1),
+    "eval.probe_every": _int(1),
+    "eval.probe_lr": _real(0.0, open_low=True),
+    "eval.wandb_project": _text(),
+    "out_dir": _text(),
+    "resume": _text(),
+    "resume_allow_changes": ("a list of config keys or sections, e.g. [method.base_tau,optim]",
+                             lambda v: isinstance(v, list | tuple) and all(isinstance(k, str) for k in v)),
+}
+# What a rule's message adds: how to turn the feature off, or what 0 means.
+_HINTS = {
+    "train.max_steps": " (0: no limit)",
+    "train.checkpoint_every": " (0: checkpoints only at epoch ends, at the end and on SIGTERM/SIGINT)",
+    "train.threads": " (0: torch's default)",
+    "eval.knn_max_train": " (0: the whole train split)",
+    "eval.knn_every": " (0: no kNN monitor during training)",
+    "eval.probe_every": " (eval.probe=false turns the probe off)",
+    "train.epochs": " (train.max_steps stops a run earlier)",
+}
+
+# The methods' constructor arguments, by name (the same name means the same thing in every method).
+_METHOD_RULES: dict[str, Rule] = {
+    **{k: _int(1) for k in ("proj_hidden", "proj_dim", "pred_hidden", "proj_layers", "out_dim", "hidden_dim",
+                            "bottleneck_dim", "n_prototypes", "queue_size", "sinkhorn_iters")},
+    **{k: _real(0.0, open_low=True) for k in ("temperature", "student_temp", "teacher_temp",
+                                              "warmup_teacher_temp", "sinkhorn_eps")},
+    **{k: _PROB for k in ("base_tau", "momentum", "center_momentum")},
+    **{k: _real(0.0) for k in ("freeze_prototypes_epochs", "freeze_last_layer_epochs", "clip_grad", "lambd",
+                               "sim_coeff", "std_coeff", "cov_coeff")},
+    **{k: _int(0) for k in ("queue_length", "queue_start_epoch", "warmup_teacher_temp_epochs")},
+    **{k: ("true or false", lambda v: isinstance(v, bool)) for k in ("use_bn_in_head", "norm_last_layer",
+                                                                     "pred_last_bn", "frozen_patch_embed")},
+}
+
+
+def _backbone_rule() -> Rule:
+    from fastssl.models.backbones import BACKBONES
+
+    return f"one of {', '.join(BACKBONES)}", lambda v: v in BACKBONES
+
+
+_RULES["model.backbone"] = _backbone_rule()
 
 
 def recipe_path(name: str) -> Path:
@@ -157,37 +293,44 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0]
 
 
+def _check(key: str, value: Any, rule: Rule) -> None:
+    what, ok = rule
+    plain = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    if not ok(plain):
+        raise ConfigError(f"{key}={_show(plain)}: must be {what}{_HINTS.get(key, '')}")
+
+
+def _show(value: Any) -> str:
+    """A value as written on the command line: 0.5, resnet7, [2, 1]."""
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return str(value) if not isinstance(value, str) or value else "''"
+
+
 def validate(cfg: DictConfig, world_size: int = 1) -> None:
-    """Refuse impossible settings with a message naming the key."""
+    """Refuse impossible settings with a one-line message naming the key and its valid range.
+
+    Checks every field against the schema's rules, then the combinations; needs no data (the checks against
+    the dataset are the trainer's, before it reads any image: ``engine.trainer.check_dataset``)."""
     for key, choices in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:
-            raise ConfigError(f"{key}={value!r}: choose one of {', '.join(choices)}")
-    positive = ["train.batch_size", "data.global_size", "eval.knn_k", "eval.batch_size", "model.width"]
-    for key in positive:
-        if OmegaConf.select(cfg, key) <= 0:
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be > 0")
-    if cfg.eval.probe_every <= 0:
-        raise ConfigError(f"eval.probe_every={cfg.eval.probe_every}: must be > 0 (eval.probe=false turns it off)")
-    if cfg.eval.knn_every < 0:
-        raise ConfigError(f"eval.knn_every={cfg.eval.knn_every}: must be >= 0 (0: no kNN monitor during training)")
-    if cfg.train.epochs <= 0 and cfg.train.max_steps <= 0:
-        raise ConfigError("train.epochs and train.max_steps are both <= 0: nothing to train")
-    for key in ("train.log_every", "train.keep_checkpoints", "train.max_bad_steps"):
-        if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be >= 1")
-    if cfg.train.checkpoint_every < 0:
-        raise ConfigError(f"train.checkpoint_every={cfg.train.checkpoint_every}: must be >= 0 (0: checkpoints "
-                          f"only at epoch ends, at the end and on SIGTERM/SIGINT)")
+            raise ConfigError(f"{key}={_show(value)}: choose one of {', '.join(choices)}")
+    for key, rule in _RULES.items():
+        _check(key, OmegaConf.select(cfg, key), rule)
     if cfg.resume not in ("auto", "none") and not Path(cfg.resume).is_file():
         raise ConfigError(f"resume={cfg.resume}: no such checkpoint file; use auto (the newest valid checkpoint "
                           f"in out_dir/checkpoints, if any), none, or the path of a checkpoint")
+    for key in cfg.resume_allow_changes:
+        if not _names_a_key(key):
+            raise ConfigError(f"resume_allow_changes: {key!r} is not a config key or section (e.g. method.base_tau, "
+                              f"optim, train.batch_size)")
     if cfg.train.batch_size % world_size != 0:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} is the global batch and must be divisible by the "
             f"world size {world_size}"
         )
-    _validate_method(cfg.method)
+    _validate_method(cfg.method, world_size)
     backend = cfg.data.backend
     if backend in ("dali", "ffcv") and cfg.data.decode != "host":
         raise ConfigError(f"data.decode={cfg.data.decode} is a torch-backend option; data.backend={backend} decodes "
@@ -197,10 +340,73 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
                           "drop data.cache or use data.backend=torch")
     if (cfg.data.mean is None) != (cfg.data.std is None):
         raise ConfigError("data.mean and data.std: set both or neither")
+    spec = build_spec(cfg)  # the data.aug values, and every view the run will cut
+    _validate_backbone(cfg, spec)
 
 
-def _validate_method(method: DictConfig) -> None:
-    """method.name is a registered method and every other key is one of its constructor's arguments."""
+def _names_a_key(key: str) -> bool:
+    """``key`` names a field or section of the schema (any key under ``method``: that section is open)."""
+    import typing
+
+    parts = key.split(".")
+    if parts[0] == "method":
+        return True
+    node: Any = Config
+    for part in parts:
+        if not dataclasses.is_dataclass(node):
+            return False
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            return False
+        node = hints[part]
+    return True
+
+
+def _validate_backbone(cfg: DictConfig, spec: pipelines.MultiCropSpec) -> None:
+    """A ViT cuts its views into patches: every view size must be a multiple of the patch size."""
+    from fastssl.models.vit import VITS
+
+    name = cfg.model.backbone
+    if name not in VITS:
+        return
+    patch = VITS[name][0] if not cfg.model.small_images else 4
+    for key, size in (("data.global_size", cfg.data.global_size), ("data.local_size", cfg.data.local_size)):
+        if size in spec.sizes and size % patch:
+            raise ConfigError(f"{key}={size}: model.backbone={name} cuts {patch} px patches; use a multiple of "
+                              f"{patch}")
+
+
+def build_spec(cfg: DictConfig, name: str | None = None) -> pipelines.MultiCropSpec:
+    """The MultiCropSpec of the run (or the preset ``name`` at the run's sizes and normalization); a data.aug
+    key or value the views refuse raises ConfigError naming it."""
+    d = cfg.data
+    kwargs = {"global_size": d.global_size, "local_size": d.local_size}
+    if d.n_local and (name or d.spec) != "eval":  # the eval view of a multi-crop run has no local views
+        kwargs["n_local"] = d.n_local
+    if d.mean is not None:
+        kwargs["mean"], kwargs["std"] = tuple(d.mean), tuple(d.std)
+    try:
+        spec = pipelines.MultiCropSpec.preset(name or d.spec, **kwargs)
+    except ValueError as e:
+        raise ConfigError(f"data (spec={name or d.spec}, global_size={d.global_size}, local_size={d.local_size}, "
+                          f"n_local={d.n_local}): {e}") from None
+    if d.aug and spec.name != "eval":
+        aug = {k: tuple(v) if isinstance(v, list | tuple) or OmegaConf.is_list(v) else v for k, v in d.aug.items()}
+        fields = [f.name for f in dataclasses.fields(pipelines.ViewSpec)]
+        unknown = [k for k in aug if k not in fields]
+        if unknown:
+            raise ConfigError(f"data.aug.{unknown[0]}: not a view setting; the keys are ViewSpec fields: "
+                              f"{', '.join(fields)}")
+        try:
+            views = tuple(dataclasses.replace(v, **aug) for v in spec.views)
+        except (TypeError, ValueError) as e:  # ViewSpec's messages start with the field's name
+            raise ConfigError(f"data.aug.{e}") from None
+        spec = dataclasses.replace(spec, views=views)
+    return spec
+
+
+def _validate_method(method: DictConfig, world_size: int = 1) -> None:
+    """method.name is a registered method and every other key is one of its constructor's arguments, in range."""
     import inspect
 
     from fastssl.methods import METHODS, method_class
@@ -213,5 +419,97 @@ def _validate_method(method: DictConfig) -> None:
     for key in method:
         if key != "name" and key not in accepted:
             raise ConfigError(f"method.{key}: not a parameter of method {name!r}; its keys are {', '.join(accepted)}")
-    if "base_tau" in method and not 0.0 <= method.base_tau <= 1.0:
-        raise ConfigError(f"method.base_tau={method.base_tau}: must be in [0, 1]")
+        if key in _METHOD_RULES:
+            _check(f"method.{key}", method[key], _METHOD_RULES[key])
+    queue = method.get("queue_length", 0) if name == "swav" else 0
+    if queue % world_size:
+        raise ConfigError(f"method.queue_length={queue}: must be divisible by the world size {world_size} (each rank "
+                          f"holds an equal part)")
+
+
+# ------------------------------------------------------------------------------------------------ resume
+# Keys whose change at a resume leaves what is trained as it was: how the run is fed (the backends cut the same
+# crops), watched, checkpointed and stopped. Any key under a listed section counts.
+RESUME_ACCEPTED = (
+    "data.backend", "data.cache", "data.decode", "data.num_workers",
+    "train.max_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.max_bad_steps",
+    "train.deterministic", "train.threads", "train.progress", "train.channels_last",
+    "eval", "out_dir", "resume", "resume_allow_changes",
+)
+
+
+@dataclass
+class ConfigChange:
+    """One key that differs between a checkpoint's config and this run's."""
+
+    key: str
+    saved: Any  # _ABSENT when the checkpoint's config has no such key
+    current: Any
+    accepted: bool  # does not change what is trained (or resume_allow_changes allows it)
+    why: str  # for the message
+
+    def __str__(self) -> str:
+        return f"{self.key}: {_show_value(self.saved)} -> {_show_value(self.current)} ({self.why})"
+
+
+_ABSENT = "(absent)"
+
+
+def _show_value(value: Any) -> str:
+    return value if value is _ABSENT else _show(value)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            # data.aug is one value: its keys may come and go
+            out.update(_flatten(v, key) if isinstance(v, dict) and key != "data.aug" else {key: v})
+        return out
+    return {prefix: tree}
+
+
+def _under(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def resume_changes(saved: dict, cfg: DictConfig) -> list[ConfigChange]:
+    """Every key whose value differs between a checkpoint's config ``saved`` (a plain dict) and ``cfg``, each
+    marked accepted (it does not change what is trained: ``RESUME_ACCEPTED``, a longer train.epochs, or a key
+    ``cfg.resume_allow_changes`` allows) or not. A key the checkpoint's config lacks (written before the schema
+    had it) counts as its default."""
+    try:
+        saved_cfg = OmegaConf.merge(OmegaConf.structured(Config), saved)
+        saved = OmegaConf.to_container(saved_cfg)
+    except OmegaConfBaseException:  # a key this schema no longer has: compare as written
+        pass
+    old, new = _flatten(saved), _flatten(OmegaConf.to_container(cfg))
+    allowed = list(cfg.resume_allow_changes)
+    changes = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        if a == b:
+            continue
+        if _under(key, RESUME_ACCEPTED):
+            change = ConfigChange(key, a, b, True, "accepted: does not change what is trained")
+        elif key == "train.epochs" and a is not _ABSENT and b > a:
+            change = ConfigChange(key, a, b, True, "accepted: a longer run; the learning-rate and momentum "
+                                                   f"schedules now end at epoch {b}")
+        elif _under(key, allowed):
+            change = ConfigChange(key, a, b, True, "allowed by resume_allow_changes")
+        else:
+            change = ConfigChange(key, a, b, False, "changes what is trained")
+        changes.append(change)
+    return changes
+
+
+def refused_changes_message(path: str, changes: list[ConfigChange]) -> str:
+    """The error for a resume whose config changes what is trained: each refused key, and the ways out."""
+    refused = [c for c in changes if not c.accepted]
+    keys = ",".join(c.key for c in refused)
+    lines = [f"resume from {path}: this config changes what the checkpoint's run trains:"]
+    lines += [f"  {c}" for c in refused]
+    lines.append(f"Restore these values, start a new run (another out_dir, or resume=none), or resume with these "
+                 f"changes anyway: resume_allow_changes=[{keys}]")
+    return "\n".join(lines)

@@ -40,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     length = f"{cfg.train.epochs} epochs" + (f" (at most {cfg.train.max_steps} steps)" if cfg.train.max_steps > 0
                                               else "")
     print(f"Training {RECIPE}: {length}, batch {cfg.train.batch_size}, run folder {cfg.out_dir}", flush=True)
-    results = run(cfg)
+    try:
+        results = run(cfg)
+    except ConfigError as e:  # the run's start-up checks (the dataset, a resume of runs/demo with another config)
+        print(f"fastssl demo: error: {e}", file=sys.stderr)
+        return 2
     total = time.perf_counter() - t0
     init, ssl = results["knn_top1_init"], results["knn_top1"]
     print()

@@ -6,7 +6,9 @@
 Checkpoints go to OUT_DIR/checkpoints (step-XXXXXX.pt, last.pt) every train.checkpoint_every steps, at each
 epoch end, at the end, and on SIGTERM / SIGINT (the step in flight finishes, then the run saves and exits with
 status 128 + the signal's number; a second signal exits at once). Running the same command again resumes
-from the newest valid checkpoint (resume=auto). Exit status 1: the loss stayed non-finite for
+from the newest valid checkpoint (resume=auto); a resume whose config changes what is trained is refused unless
+resume_allow_changes names the keys. Exit status 2: a config value out of range, a dataset the run cannot use,
+or such a resume, each found before any work starts. Exit status 1: the loss stayed non-finite for
 train.max_bad_steps steps in a row.
 """
 
@@ -42,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     main_rank = int(os.environ.get("RANK", "0")) == 0
     try:
         results = run(cfg)
-    except DatasetFormatError as e:
+    except DatasetFormatError as e:  # a rank's shard may be the broken one: every rank says what it found
         parser.exit(2, f"fastssl/train.py: error: {e}\n")
+    except ConfigError as e:  # the start-of-run checks (data, resume), alike on every rank: nothing trained yet
+        parser.exit(2, f"fastssl/train.py: error: {e}\n" if main_rank else None)
     except TrainingInterrupted as e:  # SIGTERM / SIGINT: checkpoint written, every rank stopped at the same step
         if e.signals is not None:  # prints the resume hint on rank 0, unless a late signal already did
             e.signals.report()

@@ -37,8 +37,10 @@ class Batch(NamedTuple):
     labels: torch.Tensor
 
 
-# Independent random streams derived from the same (seed, epoch, ...) keys.
-STREAM_ORDER, STREAM_CROP, STREAM_PHOTO = 1, 2, 3
+# Independent random streams derived from the same (seed, epoch, ...) keys. STREAM_WORKERS seeds a torch
+# DataLoader's own generator: without one, each new DataLoader iterator draws its workers' base seed from the
+# global torch RNG, which a resumed run (a new iterator mid-epoch) would then leave in another state.
+STREAM_ORDER, STREAM_CROP, STREAM_PHOTO, STREAM_WORKERS = 1, 2, 3, 4
 
 
 _MASK64 = (1 << 64) - 1

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipelines import STREAM_CROP, Batch, Loader, derive_seed, prefetch
+from pipelines import STREAM_CROP, STREAM_WORKERS, Batch, Loader, derive_seed, prefetch
 from pipelines.formats import DatasetFormatError, iter_samples, load_manifest, shard_counts, shard_paths
 from pipelines.progress import progress_bar
 from pipelines.spec import MultiCropSpec
@@ -502,6 +502,8 @@ class TorchLoader(Loader):
             self.dataset, batch_sampler=self._sampler, collate_fn=_batched, num_workers=workers,
             pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
+            # Its own generator: the global torch RNG (the training run's) is never drawn from by the loader.
+            generator=torch.Generator().manual_seed(derive_seed(self.seed, self.rank, STREAM_WORKERS)),
         )
 
     def _iter_epoch(self, epoch: int, start: int) -> Iterator[Batch]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,12 +76,17 @@ def test_methods(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ helpers
-_METHOD_OVERRIDES = {
+_METHOD_OVERRIDES = {  # tiny heads: every method's resume is exercised in seconds
     "byol": {"method.proj_hidden": 32, "method.proj_dim": 16, "method.pred_hidden": 32},
-    "swav": {"method.proj_hidden": 32, "method.proj_dim": 16, "method.n_prototypes": 10, "method.queue_length": 32},
+    "simclr": {"method.proj_hidden": 32, "method.proj_dim": 16},
     "mocov2": {"method.proj_hidden": 32, "method.proj_dim": 16, "method.queue_size": 256},
+    "mocov3": {"method.proj_hidden": 32, "method.proj_dim": 16, "method.pred_hidden": 32},
+    "swav": {"method.proj_hidden": 32, "method.proj_dim": 16, "method.n_prototypes": 10, "method.queue_length": 32},
+    "dino": {"method.hidden_dim": 32, "method.bottleneck_dim": 16, "method.out_dim": 64, "data.n_local": 2},
+    "barlow": {"method.proj_hidden": 32, "method.proj_dim": 32},
+    "vicreg": {"method.proj_hidden": 32, "method.proj_dim": 32},
 }
-_RECIPES = {"byol": "byol_resnet18_fmnist", "swav": "swav_resnet18_fmnist", "mocov2": "mocov2_resnet18_fmnist"}
+_RECIPES = {m: f"{m}_resnet18_fmnist" for m in _METHOD_OVERRIDES}
 
 
 def _overrides(data: Path, out: Path, method: str = "byol", **extra) -> list[str]:
@@ -172,21 +178,28 @@ def _assert_same_state(a: dict, b: dict, what: str) -> None:
 
 
 def _assert_same_training_state(a: dict, b: dict) -> None:
-    for key in ("model", "optimizer", "scaler", "step", "epoch", "loader"):
+    """Every saved tensor and value alike (RNG states, probe, counters included); the configs may differ only
+    in out_dir (the two runs' folders)."""
+    assert a.keys() == b.keys()
+    for key in a.keys() - {"config"}:
         _assert_same_state(a[key], b[key], key)
+    _assert_same_state({**a["config"], "out_dir": None}, {**b["config"], "out_dir": None}, "config")
 
 
 @pytest.fixture(scope="module")
-def reference_runs(tiny_gray_dataset, tmp_path_factory) -> dict[str, dict]:
-    """Uninterrupted runs (3 epochs, checkpoint every 4 steps), by method, computed once: their final checkpoints."""
-    cache: dict[str, dict] = {}
+def reference_runs(tiny_gray_dataset, tmp_path_factory):
+    """Uninterrupted runs (3 epochs, checkpoint every 4 steps), by method and extra overrides, computed once:
+    their final checkpoints."""
+    cache: dict[tuple, dict] = {}
 
-    def get(method: str) -> dict:
-        if method not in cache:
+    def get(method: str, **extra) -> dict:
+        key = (method, *sorted(extra.items()))
+        if key not in cache:
             out = tmp_path_factory.mktemp(f"reference_{method}")
-            assert _fit(tiny_gray_dataset, out, method, **{"train.checkpoint_every": 4})["steps"] == 3 * STEPS_PER_EPOCH
-            cache[method] = load_checkpoint(out / "checkpoints" / "last.pt")
-        return cache[method]
+            results = _fit(tiny_gray_dataset, out, method, **{"train.checkpoint_every": 4, **extra})
+            assert results["steps"] == 3 * STEPS_PER_EPOCH
+            cache[key] = load_checkpoint(out / "checkpoints" / "last.pt")
+        return cache[key]
 
     return get
 
@@ -253,12 +266,17 @@ def test_resume_auto_skips_truncated_and_corrupt_checkpoints_naming_them(tiny_gr
 
 
 # ------------------------------------------------------------------------------------------ exact resume
-@pytest.mark.parametrize("method", ["byol", "swav"])
-def test_resume_after_kill_matches_uninterrupted_run(tiny_gray_dataset, tmp_path, reference_runs, method):
+# The torch loader's DataLoader (data.cache=none) without and with worker processes; the RAM cache (no DataLoader).
+_WORKERS = {"data.cache": "none", "data.num_workers": 2}
+
+
+@pytest.mark.parametrize("method, extra", [("byol", {}), ("byol", _WORKERS), ("swav", {})],
+                         ids=["byol-ram", "byol-workers", "swav-ram"])
+def test_resume_after_kill_matches_uninterrupted_run(tiny_gray_dataset, tmp_path, reference_runs, method, extra):
     total = 3 * STEPS_PER_EPOCH
     kill_after = random.Random().randint(5, total - 4)  # after the first checkpoint (step 4), before the end
     out, log = tmp_path / "run", tmp_path / "killed"
-    cmd = _train_cmd(tiny_gray_dataset, out, method, **{"train.checkpoint_every": 4})
+    cmd = _train_cmd(tiny_gray_dataset, out, method, **{"train.checkpoint_every": 4, **extra})
     proc = _popen(cmd, log)
     try:
         seen = _wait_for_step(proc, out, kill_after, log)
@@ -274,10 +292,51 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_gray_dataset, tmp_path
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and _results(resumed.stdout)["steps"] == total
     final = load_checkpoint(out / "checkpoints" / "last.pt")
-    _assert_same_training_state(reference_runs(method), final)  # bit-identical, killed after step >= {seen}
+    # bit-identical, RNG states included, killed after step >= {seen}
+    _assert_same_training_state(reference_runs(method, **extra), final)
     # metrics.jsonl: one row per step, though the steps after the checkpoint ran twice
     assert [r["step"] for r in _rows(out) if "loss" in r] == list(range(1, total + 1))
     print(f"{method}: killed after step {seen}, resumed from step {max(steps_on_disk)}")
+
+
+@pytest.mark.parametrize("method", sorted(_METHOD_OVERRIDES))
+def test_every_method_resumed_at_a_random_step_equals_the_uninterrupted_run(tiny_gray_dataset, tmp_path, method):
+    """The state a SIGKILL leaves (a checkpoint of step s, nothing after it) resumed by a fresh Trainer: every saved
+    tensor equal at the end, the global RNG states included (anything drawing on them after a resume, dropout,
+    random masking, Shuffle-BN permutations, must not diverge). The DataLoader without workers makes a new
+    iterator at each epoch and at the resume; the online probe is on, its state checkpointed too."""
+    total = 2 * STEPS_PER_EPOCH
+    extra = {"train.epochs": 2, "train.checkpoint_every": 1, "train.keep_checkpoints": total, "data.cache": "none",
+             "eval.probe": True}
+    reference = tmp_path / "reference"
+    _fit(tiny_gray_dataset, reference, method, **extra)
+    step = random.Random().randint(1, total - 1)
+    out = tmp_path / "resumed"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copy(reference / "checkpoints" / f"step-{step:06d}.pt", out / "checkpoints")
+    assert _fit(tiny_gray_dataset, out, method, **extra)["steps"] == total
+    _assert_same_training_state(load_checkpoint(reference / "checkpoints" / "last.pt"),
+                                load_checkpoint(out / "checkpoints" / "last.pt"))  # resumed from step {step}
+
+
+@pytest.mark.parametrize("cache, workers", [("none", 0), ("none", 2), ("ram", 0)])
+def test_the_torch_loader_never_draws_on_the_global_rng(tiny_gray_dataset, cache, workers):
+    """A DataLoader without a generator of its own draws its workers' base seed from the global torch RNG at
+    every new iterator: a resumed run (a new iterator mid-epoch) then ended with another global RNG state."""
+    import pipelines
+    from fastssl.engine.trainer import build_spec
+
+    cfg = load_config("byol_resnet18_fmnist", [f"data.path={tiny_gray_dataset}"])
+    loader = pipelines.build_loader(tiny_gray_dataset, build_spec(cfg), 32, backend="torch", cache=cache,
+                                    num_workers=workers, progress=False)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        assert len(list(loader)) == len(loader)
+    loader.load_state_dict({"epoch": 2, "batch": 1})  # as a resume does: a new iterator mid-epoch
+    next(iter(loader))
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_with_a_resume_hint(tiny_gray_dataset, tmp_path, reference_runs):
@@ -424,7 +483,8 @@ def test_signal_to_one_rank_stops_both_at_one_step_and_one_rank_resumes(tiny_gra
 
 def test_moco_queue_survives_resume_on_one_rank(tiny_gray_dataset, tmp_path):
     out = tmp_path / "run"
-    ddp = _run(_train_cmd(tiny_gray_dataset, out, "mocov2", nproc=2, **{"train.max_steps": 2}), tmp_path / "ddp")
+    ddp = _run(_train_cmd(tiny_gray_dataset, out, "mocov2", nproc=2, **{"train.max_steps": 2, "train.epochs": 2}),
+               tmp_path / "ddp")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     saved = load_checkpoint(out / "checkpoints" / "last.pt")
     assert saved["step"] == 2 and saved["world_size"] == 2
@@ -506,6 +566,74 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tiny_gray_datas
 def test_checkpoint_settings_are_validated_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config("byol_resnet18_fmnist", [override])
+
+
+# ------------------------------------------------------------------------------------------ changed config
+def test_config_changes_at_resume_are_sorted_into_accepted_and_refused():
+    from omegaconf import OmegaConf
+
+    from fastssl.config import resume_changes
+
+    saved = OmegaConf.to_container(load_config("byol_resnet18_fmnist"))
+    del saved["resume_allow_changes"]  # a checkpoint from before the key existed: its default, not a change
+    cfg = load_config("byol_resnet18_fmnist", [
+        "method.base_tau=0.5", "train.batch_size=64", "data.aug.blur_p=0.5", "optim.base_lr=0.1",
+        "train.log_every=5", "train.epochs=8", "eval.knn_k=5", "data.num_workers=3", "out_dir=elsewhere",
+        "resume_allow_changes=[optim]"])
+    changes = {c.key: c for c in resume_changes(saved, cfg)}
+    assert {k for k, c in changes.items() if not c.accepted} == {"method.base_tau", "train.batch_size", "data.aug"}
+    assert {k for k, c in changes.items() if c.accepted} == {
+        "optim.base_lr", "train.log_every", "train.epochs", "eval.knn_k", "data.num_workers", "out_dir",
+        "resume_allow_changes"}
+    assert str(changes["method.base_tau"]) == "method.base_tau: 0.99 -> 0.5 (changes what is trained)"
+    assert "allowed by resume_allow_changes" in str(changes["optim.base_lr"])
+    assert "schedules now end at epoch 8" in str(changes["train.epochs"])
+    shorter = resume_changes(saved, load_config("byol_resnet18_fmnist", ["train.epochs=2"]))
+    assert [(c.key, c.accepted) for c in shorter] == [("train.epochs", False)]  # train.max_steps stops early instead
+    other = {c.key: c for c in resume_changes(saved, load_config("simclr_resnet18_fmnist"))}
+    assert {"method.name", "method.pred_hidden", "method.temperature"} <= other.keys()  # keys on one side only
+    assert str(other["method.pred_hidden"]) == "method.pred_hidden: 2048 -> (absent) (changes what is trained)"
+    assert not any(c.accepted for k, c in other.items() if k.startswith("method."))
+
+
+def test_resume_with_a_changed_config_lists_every_difference_and_refuses_what_changes_training(
+        tiny_gray_dataset, tmp_path, capsys):
+    from fastssl.train import main
+
+    out = tmp_path / "run"
+    _fit(tiny_gray_dataset, out, **{"train.max_steps": 2})
+    capsys.readouterr()
+    config_yaml = (out / "config.yaml").read_text()
+    args = ["--config", "byol_resnet18_fmnist", *_overrides(tiny_gray_dataset, out, **{"train.max_steps": 4})]
+    # What is trained changes: refused before anything is built or written, every difference listed.
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "method.base_tau=0.5", "train.batch_size=8", "train.log_every=2"])
+    captured = capsys.readouterr()
+    assert exc.value.code == 2 and "Traceback" not in captured.err
+    err = captured.err
+    assert "step-000002.pt: this config changes what the checkpoint's run trains" in err, err
+    assert "  method.base_tau: 0.99 -> 0.5 (changes what is trained)" in err
+    assert "  train.batch_size: 16 -> 8 (changes what is trained)" in err
+    assert "resume_allow_changes=[method.base_tau,train.batch_size]" in err and "resume=none" in err
+    assert "train.log_every" not in err  # not in the refusal: it would have been accepted
+    assert (out / "config.yaml").read_text() == config_yaml
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 2
+    # What is trained stays: accepted, a line each.
+    results = _fit(tiny_gray_dataset, out, **{"train.max_steps": 4, "train.log_every": 2, "train.epochs": 4})
+    stdout = capsys.readouterr().out
+    assert results["steps"] == 4
+    assert "resume: config changed since the checkpoint: train.log_every: 1 -> 2 (accepted: does not change what " \
+           "is trained)" in stdout
+    assert "train.max_steps: 2 -> 4 (accepted" in stdout
+    assert "train.epochs: 3 -> 4 (accepted: a longer run; the learning-rate and momentum schedules now end at " \
+           "epoch 4)" in stdout
+    assert "resumed from" in stdout
+    # An explicit override lets a change through, said as such; the checkpoints then carry the new value.
+    results = _fit(tiny_gray_dataset, out, **{"train.max_steps": 5, "train.log_every": 2, "train.epochs": 4,
+                                              "method.base_tau": 0.5, "resume_allow_changes": "[method.base_tau]"})
+    assert results["steps"] == 5
+    assert "method.base_tau: 0.99 -> 0.5 (allowed by resume_allow_changes)" in capsys.readouterr().out
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["config"]["method"]["base_tau"] == 0.5
 
 
 if __name__ == "__main__":

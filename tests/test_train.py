@@ -126,3 +126,38 @@ def test_a_run_refused_for_its_data_leaves_no_run_folder(tmp_path, monkeypatch):
                                                  rf"directory {tmp_path}\).*fastssl-convert SRC no_data"):
         _fit(Path("no_data"), out)
     assert not out.exists()
+
+
+def _train_only_copy(data: Path, dest: Path) -> Path:
+    """The tiny dataset as an ImageFolder of class folders converts it: a train split only."""
+    from pipelines.formats import load_manifest, write_manifest
+
+    manifest = load_manifest(data)
+    dest.mkdir()
+    for shard in manifest["splits"]["train"]["shards"]:
+        (dest / shard["name"]).symlink_to(data / shard["name"])
+    write_manifest(dest, {**manifest, "splits": {"train": manifest["splits"]["train"]}})
+    return dest
+
+
+def test_a_dataset_without_val_split_is_refused_before_training_unless_knn_is_off(tiny_gray_dataset, tmp_path,
+                                                                                   capsys):
+    """The kNN evaluation's queries come from the val split: without one, the run used to train to the end and
+    only then exit 2. Now it stops before the first step, naming the ways out; with eval.knn=false it trains."""
+    from fastssl.train import main
+
+    data = _train_only_copy(tiny_gray_dataset, tmp_path / "train_only")
+    out = tmp_path / "run"
+    args = ["--config", "byol_resnet18_fmnist", *_overrides(data, out, **{"train.max_steps": 2})]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1, err
+    assert "eval.knn=true" in err[0] and "no val split" in err[0] and "its splits: train" in err[0], err
+    assert "eval.knn=false" in err[0] and "convert the dataset with a val split" in err[0], err
+    assert not out.exists()  # refused before the run folder, the RAM cache and the first step
+    with pytest.raises(SystemExit) as exc:  # the kNN monitor needs it too
+        main([*args, "eval.knn=false", "eval.knn_every=1"])
+    assert exc.value.code == 2 and "eval.knn_every=1: " in capsys.readouterr().err
+    assert main([*args, "eval.knn=false"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import math
@@ -18,7 +17,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import pipelines
-from fastssl.config import ConfigError, validate
+from fastssl.config import ConfigError, build_spec, refused_changes_message, resume_changes, validate
 from fastssl.engine import distributed
 from fastssl.engine.checkpoint import CheckpointDir, load_checkpoint, rng_state, set_rng_state
 from fastssl.engine.knn import extract_features, knn_top1
@@ -29,31 +28,9 @@ from fastssl.models import build_backbone
 from fastssl.optim.lars import LARS
 from fastssl.optim.schedules import scaled_lr, warmup_cosine
 from pipelines import progress
-from pipelines.formats import atomic_write_bytes, load_manifest
+from pipelines.formats import atomic_write_bytes, load_manifest, shard_counts, shard_paths
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-
-
-def build_spec(cfg: DictConfig, name: str | None = None) -> pipelines.MultiCropSpec:
-    """The MultiCropSpec of the run (or the preset ``name`` at the run's sizes and normalization)."""
-    d = cfg.data
-    kwargs = {"global_size": d.global_size, "local_size": d.local_size}
-    if d.n_local and (name or d.spec) != "eval":  # the eval view of a multi-crop run has no local views
-        kwargs["n_local"] = d.n_local
-    if d.mean is not None:
-        kwargs["mean"], kwargs["std"] = tuple(d.mean), tuple(d.std)
-    spec = pipelines.MultiCropSpec.preset(name or d.spec, **kwargs)
-    if d.aug and spec.name != "eval":
-        aug = {k: tuple(v) if isinstance(v, list | tuple) or OmegaConf.is_list(v) else v for k, v in d.aug.items()}
-        try:
-            views = tuple(dataclasses.replace(v, **aug) for v in spec.views)
-        except TypeError as e:
-            fields = ", ".join(f.name for f in dataclasses.fields(pipelines.ViewSpec))
-            raise ConfigError(f"data.aug: {e}; the keys are ViewSpec fields: {fields}") from None
-        except ValueError as e:
-            raise ConfigError(f"data.aug: {e}") from None
-        spec = dataclasses.replace(spec, views=views)
-    return spec
 
 
 def build_model(cfg: DictConfig) -> nn.Module:
@@ -185,14 +162,13 @@ class Trainer:
         self._saved_step = self.step
         distributed.wait_for_main()
 
-    def _resume(self) -> bool:
-        """Load ``cfg.resume``: ``auto`` = the newest valid checkpoint of out_dir (rank 0 picks, every rank
-        loads that file), or a path. A checkpoint from another world size continues at the same fraction of
-        its epoch, with the step (the schedules' clock) counted in this run's steps per epoch."""
+    def _find_checkpoint(self) -> tuple[str, dict] | None:
+        """The checkpoint ``cfg.resume`` names, loaded, or None: ``auto`` = the newest valid one of out_dir (rank 0
+        picks, every rank loads that file), or a path. Its config is compared with this run's first
+        (``_check_config_changes``): a refused change stops the run before anything is built or written."""
         mode = self.cfg.resume
         if mode == "none":
-            return False
-        state = None
+            return None
         if mode == "auto":
             found = None
             if self.dist.is_main:
@@ -200,12 +176,32 @@ class Trainer:
                 found = self.checkpoints.newest_valid()
             path = distributed.broadcast_object(str(found[0]) if found else None)
             if path is None:
-                return False
-            state = found[1] if found else None
+                return None
+            state = found[1] if found else load_checkpoint(path)
         else:
-            path = mode
-        if state is None:
-            state = load_checkpoint(path)
+            path, state = mode, load_checkpoint(mode)
+        self._check_config_changes(path, state)
+        return path, state
+
+    def _check_config_changes(self, path: str, state: dict) -> None:
+        """Every difference between the checkpoint's config and this run's: a line each for those that leave what
+        is trained as it was; ConfigError listing those that do not, unless resume_allow_changes allows them."""
+        if state.get("config") is None:
+            return
+        changes = resume_changes(state["config"], self.cfg)
+        if any(not c.accepted for c in changes):
+            raise ConfigError(refused_changes_message(path, changes))
+        if self.dist.is_main:
+            for change in changes:
+                tqdm.write(f"resume: config changed since the checkpoint: {change}")
+
+    def _resume(self, found: tuple[str, dict] | None) -> bool:
+        """Load the checkpoint ``_find_checkpoint`` found into the built run. A checkpoint from another world size
+        continues at the same fraction of its epoch, with the step (the schedules' clock) counted in this run's
+        steps per epoch."""
+        if found is None:
+            return False
+        path, state = found
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -274,8 +270,10 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train to the end (or ``train.max_steps``), checkpointing each epoch, then the kNN evaluation."""
+        check_dataset(self.cfg, self.dist.world_size)  # before the loader reads an image or the run folder exists
+        found = self._find_checkpoint()
         self._setup()
-        resumed = self._resume()
+        resumed = self._resume(found)
         cfg, main = self.cfg, self.dist.is_main
         if resumed and main:  # rows the lost steps wrote after this checkpoint are written again from here
             trim_metrics(self.out_dir / "metrics.jsonl", self.resumed_step)
@@ -468,6 +466,35 @@ class Trainer:
         return top1
 
 
+def check_dataset(cfg: DictConfig, world_size: int = 1) -> None:
+    """The start-of-run checks against the converted dataset, from its manifest alone (no image is read): a run
+    the data cannot serve stops before the RAM cache fills, the run folder exists or a step runs. Raises
+    DatasetFormatError (a missing or broken dataset, naming the file) or ConfigError (naming the key)."""
+    path = cfg.data.path
+    manifest = load_manifest(path)
+    shard_paths(path, "train", manifest)  # the split and its shard files exist
+    per_rank_batch = cfg.train.batch_size // world_size
+    plan = pipelines.Loader(shard_counts(manifest, "train"), build_spec(cfg), 1, world_size=world_size)
+    if per_rank_batch > plan.samples_per_epoch:
+        per_rank = plan.samples_per_epoch
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size}: must be <= {per_rank * world_size} here: the train split of "
+            f"{path} gives each of the {world_size} rank(s) {per_rank} images per epoch, not one batch")
+    # The kNN evaluation takes its queries from the val split; without one, the run would train to the end and
+    # only then fail.
+    wanted = [k for k, on in (("eval.knn=true", cfg.eval.knn), (f"eval.knn_every={cfg.eval.knn_every}",
+                                                                 cfg.eval.knn_every > 0)) if on]
+    val = manifest["splits"].get("val")
+    if wanted and (val is None or int(val.get("count", 0)) == 0):
+        off = "eval.knn=false" + (" eval.knn_every=0" if cfg.eval.knn_every > 0 else "")
+        raise ConfigError(
+            f"{' and '.join(wanted)}: {path} has no val split for the kNN evaluation's queries (its splits: "
+            f"{', '.join(sorted(manifest['splits']))}); train without it ({off}), or convert the dataset with a val "
+            f"split (SRC/train/<class>/ and SRC/val/<class>/ folders)")
+    if wanted:
+        shard_paths(path, "val", manifest)
+
+
 def _no_forward_buffer_sync() -> dict:
     """DDP's option to stop sending rank 0's buffers at every forward (MoCo v2's 32 MiB queue, SwAV's queue,
     DINO's centre, every BatchNorm statistic): ``forward_sync_buffers=False`` where this torch has it (buffers
@@ -567,4 +594,4 @@ def run(cfg: DictConfig) -> dict:
         distributed.shutdown()
 
 
-__all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "run", "build_spec", "build_model"]
+__all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "run", "build_spec", "build_model", "check_dataset"]

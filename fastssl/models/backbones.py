@@ -16,6 +16,7 @@ _RESNETS = {
     "resnet50": (tvr.Bottleneck, [3, 4, 6, 3]),
     "resnet101": (tvr.Bottleneck, [3, 4, 23, 3]),
 }
+BACKBONES: tuple[str, ...] = (*_RESNETS, *VITS)  # the names build_backbone knows (config validation lists them)
 
 
 class ResNet(tvr.ResNet):
