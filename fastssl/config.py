@@ -32,6 +32,9 @@ class DataConfig:
     num_workers: int | None = None
     cache: str = "auto"  # torch backend: ram | none | auto
     decode: str = "host"  # torch backend: host (PIL in workers) | device (nvJPEG: TorchCodec, else torchvision)
+    # samples that do not decode (damaged after conversion) are skipped, each replaced in its batch by the next
+    # one; more than this many distinct ones stop the run (0: stop at the first)
+    max_bad_samples: int = 100
     mean: list[float] | None = None
     std: list[float] | None = None
     # ViewSpec fields set on every view of the preset, e.g. {scale: [0.3, 1.0], blur_p: 0.0} for 32 px data
@@ -176,6 +179,9 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     for key in ("train.log_every", "train.keep_checkpoints", "train.max_bad_steps"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be >= 1")
+    if cfg.data.max_bad_samples < 0:
+        raise ConfigError(f"data.max_bad_samples={cfg.data.max_bad_samples}: must be >= 0 (0: stop at the first "
+                          "sample that does not decode)")
     if cfg.train.checkpoint_every < 0:
         raise ConfigError(f"train.checkpoint_every={cfg.train.checkpoint_every}: must be >= 0 (0: checkpoints "
                           f"only at epoch ends, at the end and on SIGTERM/SIGINT)")
