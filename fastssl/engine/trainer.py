@@ -617,4 +617,6 @@ def run(cfg: DictConfig) -> dict:
         distributed.shutdown()
 
 
-__all__ = ["Trainer", "TooManyBadSamples", "TrainingDiverged", "TrainingInterrupted", "run", "build_spec", "build_model"]
+__all__ = [
+    "Trainer", "TooManyBadSamples", "TrainingDiverged", "TrainingInterrupted", "run", "build_spec", "build_model",
+]
