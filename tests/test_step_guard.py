@@ -36,8 +36,8 @@ class InfGradBYOL(BYOL):
             def poison(grad):
                 handle.remove()
                 out = grad.clone()
-                out.view(-1)[0] = float("inf")
-                out.view(-1)[1] = float("nan")
+                out[0, ..., 0] = float("inf")
+                out[0, ..., -1] = float("nan")
                 return out
 
             handle = weight.register_hook(poison)
