@@ -39,6 +39,9 @@ class DataConfig:
     num_workers: int | None = None
     cache: str = "auto"  # torch backend: ram | none | auto
     decode: str = "host"  # torch backend: host (PIL in workers) | device (nvJPEG: TorchCodec, else torchvision)
+    # samples that do not decode (damaged after conversion) are skipped, each replaced in its batch by the next
+    # one; more than this many distinct ones stop the run (0: stop at the first)
+    max_bad_samples: int = 100
     mean: list[float] | None = None
     std: list[float] | None = None
     # ViewSpec fields set on every view of the preset, e.g. {scale: [0.3, 1.0], blur_p: 0.0} for 32 px data
@@ -186,6 +189,7 @@ _RULES: dict[str, Rule] = {
     "data.global_size": _int(1),
     "data.local_size": _int(1),
     "data.n_local": _int(0),
+    "data.max_bad_samples": _int(0),
     "data.num_workers": _optional(_int(0), "one decode process per core, at most 8"),
     "data.mean": _optional(_numbers(3, ("", _is_real), "finite (R, G, B)"), "the preset's"),
     "data.std": _optional(_numbers(3, _real(0.0, open_low=True), "> 0 (R, G, B)"), "the preset's"),
@@ -225,6 +229,7 @@ _RULES: dict[str, Rule] = {
 # What a rule's message adds: how to turn the feature off, or what 0 means.
 _HINTS = {
     "train.max_steps": " (0: no limit)",
+    "data.max_bad_samples": " (0: stop at the first sample that does not decode)",
     "train.checkpoint_every": " (0: checkpoints only at epoch ends, at the end and on SIGTERM/SIGINT)",
     "train.threads": " (0: torch's default)",
     "eval.knn_max_train": " (0: the whole train split)",
