@@ -1,6 +1,6 @@
 """The C++/CUDA kernels in csrc/ compile here, GPU or not, so a broken build fails CI.
 
-The builds are cached (fastssl.optim.extensions.build_dir(), keyed on sources and flags): a fresh machine
+The builds are cached (pipelines.native.build_dir(), one folder per source folder, sources, flags and torch): a fresh machine
 pays once — measured on 2 cores at load ~3: ~11-14 s for the CPU LARS kernel (g++), ~19-24 s for the CUDA one
 (nvcc for the kernel, g++ for the host part; one architecture, sm_90); at load 4-9, ~20-50 s for the CPU
 photometric kernel; a rerun with unchanged sources only loads the libraries (< 1 s).
@@ -13,12 +13,12 @@ import shutil
 import pytest
 import torch
 
-from fastssl.optim import extensions
+from pipelines import native
 
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="needs a C++ compiler")
 def test_cpu_lars_kernel_builds_and_steps():
-    module = extensions.load_lars_cpu()
+    module = native.load_lars_cpu()
     p, g, b = torch.ones(5), torch.full((5,), 2.0), torch.zeros(5)
     module.lars_step([p], [g], [b], 0.5, 0.9, 0.0, 1.0, False, True)  # excluded: plain SGD
     torch.testing.assert_close(p, torch.zeros(5))
@@ -27,7 +27,7 @@ def test_cpu_lars_kernel_builds_and_steps():
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="needs a C++ compiler")
 def test_cpu_photometric_kernel_builds_and_normalizes():
-    module = extensions.load_photometric_cpu()
+    module = native.load_photometric_cpu()
     x = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 2, 3)
     factors = torch.tensor([[1.0, 1.0, 1.0, 0.0]] * 2)  # identity jitter, no gray / blur / solarize
     out = module.photometric(x, factors, [0, 1, 2, 3], torch.zeros(2, dtype=torch.int32), torch.ones(2), 3,
@@ -36,8 +36,8 @@ def test_cpu_photometric_kernel_builds_and_normalizes():
     torch.testing.assert_close(out, (x.float() / 255) * 2 - 1)
 
 
-@pytest.mark.skipif(not extensions.nvcc_available(), reason="needs nvcc (a CUDA toolkit)")
+@pytest.mark.skipif(not native.nvcc_available(), reason="needs nvcc (a CUDA toolkit)")
 def test_cuda_lars_kernel_compiles_with_nvcc():
     # One architecture keeps the build short and needs no GPU to pick it (H100: 9.0).
-    module = extensions.load_lars_cuda(arch_list="9.0")
+    module = native.load_lars_cuda(arch_list="9.0")
     assert callable(module.lars_step)
