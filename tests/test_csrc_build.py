@@ -65,3 +65,59 @@ def test_loading_a_kernel_prints_no_cuda_runtime_warning_on_a_cpu_machine(tmp_pa
                       "native.load_lars_cpu()\n"
                       "import torch.utils.cpp_extension\n")
     assert "No CUDA runtime" not in quiet, quiet
+
+
+def _fake_layout(tmp_path: Path, *, checkout: bool, packaged: bool) -> tuple[Path, Path]:
+    """A repository root and an installed package folder holding copies of csrc/ as asked."""
+    repo, package = tmp_path / "repo", tmp_path / "site-packages" / "pipelines"
+    package.mkdir(parents=True)
+    repo.mkdir()
+    if checkout:
+        (repo / "pyproject.toml").write_text("[project]\nname = 'fastssl'\n")
+        shutil.copytree(ROOT / "csrc", repo / "csrc")
+    if packaged:
+        shutil.copytree(ROOT / "csrc", package / "csrc")
+    return repo, package
+
+
+@pytest.mark.parametrize("checkout, packaged, expected", [
+    (True, False, "repo/csrc"),  # a checkout or an editable install
+    (False, True, "site-packages/pipelines/csrc"),  # a wheel or pip install .
+    (True, True, "repo/csrc"),  # a checkout wins over a stray copy: csrc/ is the one being edited
+])
+def test_sources_come_from_the_checkout_else_from_the_installed_copy(tmp_path, monkeypatch, checkout, packaged,
+                                                                     expected):
+    repo, package = _fake_layout(tmp_path, checkout=checkout, packaged=packaged)
+    monkeypatch.setattr(native, "_REPO", repo)
+    monkeypatch.setattr(native, "_PACKAGED", package / "csrc")
+    assert native.source_dir() == tmp_path / expected
+
+
+def test_missing_sources_name_both_places(tmp_path, monkeypatch):
+    repo, package = _fake_layout(tmp_path, checkout=False, packaged=False)
+    (repo / "csrc").mkdir()  # site-packages/csrc of some other distribution: not ours without pyproject.toml
+    (repo / "csrc" / "lars_cpu.cpp").write_text("// someone else's\n")
+    monkeypatch.setattr(native, "_REPO", repo)
+    monkeypatch.setattr(native, "_PACKAGED", package / "csrc")
+    with pytest.raises(FileNotFoundError, match=r"repo/csrc .*site-packages/pipelines/csrc"):
+        native.source_dir()
+
+
+def test_build_folders_differ_by_source_folder_content_and_flags(tmp_path, monkeypatch):
+    # A checkout and an install (or an edited checkout) must never share a build folder: cpp_extension's ninja
+    # file names the sources' paths, so sharing one rebuilds it in turn, and a stale library could be loaded.
+    repo, package = _fake_layout(tmp_path, checkout=False, packaged=True)
+    other = tmp_path / "other" / "csrc"
+    shutil.copytree(ROOT / "csrc", other)
+
+    def key(src: Path, flags: dict | None = None) -> str:
+        monkeypatch.setattr(native, "source_dir", lambda: src)
+        return native.cache_key("fastssl_lars_cpu", flags or {"extra_cflags": ["-O3"]})
+
+    installed = key(package / "csrc")
+    assert key(package / "csrc") == installed  # stable: a second process finds the same folder
+    assert key(other) != installed  # same contents, another folder
+    assert key(package / "csrc", {"extra_cflags": ["-O2"]}) != installed
+    header = package / "csrc" / "dense_layout.h"  # a header counts, not only the compiled file
+    header.write_text(header.read_text() + "\n// edited\n")
+    assert key(package / "csrc") != installed
