@@ -164,7 +164,7 @@ def test_more_bad_samples_than_allowed_stop_the_run_with_a_message(tiny_gray_dat
 def test_max_bad_samples_must_not_be_negative(tiny_gray_dataset, tmp_path):
     from fastssl.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"data.max_bad_samples=-1: must be >= 0"):
+    with pytest.raises(ConfigError, match=r"data.max_bad_samples=-1: must be an integer >= 0"):
         _fit(tiny_gray_dataset, tmp_path / "run", **{"data.max_bad_samples": -1})
 
 
