@@ -155,7 +155,8 @@ def test_training_skips_bad_samples_counts_them_and_warns_once(tiny_gray_dataset
 
 def test_more_bad_samples_than_allowed_stop_the_run_with_a_message(tiny_gray_dataset, tmp_path):
     data = _damaged_copy(tiny_gray_dataset, tmp_path / "data", "header")
-    with pytest.raises(TooManyBadSamples, match=r"2 samples of .* do not decode, more than data.max_bad_samples=1"):
+    message = r"bad samples \(that do not decode\) in .*: 2, more than data.max_bad_samples=1 "
+    with pytest.raises(TooManyBadSamples, match=message):
         _fit(data, tmp_path / "run", **{"data.max_bad_samples": 1})
     steps = [r["step"] for r in _rows(tmp_path / "run") if "loss" in r]
     assert 0 < max(steps) < 12  # it trained past the first bad sample, and stopped at the second

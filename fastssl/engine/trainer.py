@@ -51,7 +51,7 @@ class Trainer:
         self.checkpoints = CheckpointDir(self.out_dir / "checkpoints", cfg.train.keep_checkpoints)
         self.ckpt_path = self.checkpoints.last  # a second name of the newest step-XXXXXX.pt
         self.stop_signals = distributed.StopSignals(announce=self.dist.is_main)
-        self.bad_steps = {"in_row": 0, "total": 0}  # non-finite losses: those steps' updates were skipped
+        self.bad_steps = {"in_row": 0, "total": 0}  # non-finite losses or gradients: those updates were skipped
         self._skipped = ""  # why the last step's update was skipped: "nonfinite_loss", "nonfinite_grad" or ""
         self._bad_samples_seen = 0  # entries of loader.bad_samples already reported
         self._new_bad_samples = False  # some rank's batch held a bad sample not reported yet (all-reduced)
@@ -459,10 +459,10 @@ class Trainer:
                                f"one: {msg} ({self.bad_sample_total} so far; data.max_bad_samples={limit})")
         if self.bad_sample_total > limit:
             raise TooManyBadSamples(
-                f"stopped at step {self.step}: {self.bad_sample_total} samples of {self.cfg.data.path} do not decode, "
-                f"more than data.max_bad_samples={limit} (each was skipped; the last: {new[-1]}). The data is "
-                f"damaged: reconvert it with fastssl-convert (and check the disk), or raise data.max_bad_samples. "
-                f"The newest checkpoint is {self.checkpoints.last}.")
+                f"stopped at step {self.step}: bad samples (that do not decode) in {self.cfg.data.path}: "
+                f"{self.bad_sample_total}, more than data.max_bad_samples={limit} (each was skipped; the last: "
+                f"{new[-1]}). The data is damaged: reconvert it with fastssl-convert (and check the disk), or raise "
+                f"data.max_bad_samples. The newest checkpoint, if any: {self.checkpoints.last}.")
 
     def _log_row(self, logs: dict, window: dict, global_batch: int) -> dict:
         row = {"step": self.step, "epoch": self.epoch, "lr": self.lr_at(self.step - 1)}
