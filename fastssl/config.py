@@ -40,6 +40,9 @@ class DataConfig:
     num_workers: int | None = None
     cache: str = "auto"  # torch backend: ram | none | auto
     decode: str = "host"  # torch backend: host (PIL in workers) | device (nvJPEG: TorchCodec, else torchvision)
+    # samples that do not decode (damaged after conversion) are skipped, each replaced in its batch by the next
+    # one; more than this many distinct ones stop the run (0: stop at the first)
+    max_bad_samples: int = 100
     mean: list[float] | None = None
     std: list[float] | None = None
     # ViewSpec fields set on every view of the preset, e.g. {scale: [0.3, 1.0], blur_p: 0.0} for 32 px data
@@ -187,6 +190,7 @@ _RULES: dict[str, Rule] = {
     "data.global_size": _int(1),
     "data.local_size": _int(1),
     "data.n_local": _int(0),
+    "data.max_bad_samples": _int(0),
     "data.num_workers": _optional(_int(0), "this rank's share of the cores less one, at most 8"),
     "data.mean": _optional(_numbers(3, ("", _is_real), "finite (R, G, B)"), "the preset's"),
     "data.std": _optional(_numbers(3, _real(0.0, open_low=True), "> 0 (R, G, B)"), "the preset's"),
@@ -226,6 +230,7 @@ _RULES: dict[str, Rule] = {
 # What a rule's message adds: how to turn the feature off, or what 0 means.
 _HINTS = {
     "train.max_steps": " (0: no limit)",
+    "data.max_bad_samples": " (0: stop at the first sample that does not decode)",
     "train.checkpoint_every": " (0: checkpoints only at epoch ends, at the end and on SIGTERM/SIGINT)",
     "train.threads": " (0: torch's default)",
     "eval.knn_max_train": " (0: the whole train split)",
@@ -423,7 +428,7 @@ def _validate_method(method: DictConfig, world_size: int = 1) -> None:
 # Keys whose change at a resume leaves what is trained as it was: how the run is fed (the backends cut the same
 # crops), watched, checkpointed and stopped. Any key under a listed section counts.
 RESUME_ACCEPTED = (
-    "data.backend", "data.cache", "data.decode", "data.num_workers",
+    "data.backend", "data.cache", "data.decode", "data.num_workers", "data.max_bad_samples",
     "train.max_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.max_bad_steps",
     "train.deterministic", "train.threads", "train.progress", "train.channels_last",
     "eval", "out_dir", "resume", "resume_allow_changes",

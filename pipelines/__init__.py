@@ -23,10 +23,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from pipelines.formats import DatasetFormatError
 from pipelines.photometric import apply_photometric
 from pipelines.spec import PRESETS, MultiCropSpec, ViewSpec
 
-__all__ = ["PRESETS", "Batch", "Loader", "MultiCropSpec", "ViewSpec", "build_loader", "derive_seed"]
+__all__ = ["PRESETS", "Batch", "Loader", "MultiCropSpec", "ViewSpec", "build_loader", "derive_seed", "replacements"]
 
 
 class Batch(NamedTuple):
@@ -67,12 +68,14 @@ def derive_seed(*keys: int) -> int:
 class Loader:
     """Base of every backend: the rank's samples, the epoch order, the resume position.
 
-    Sharding: with ``drop_last`` and at least ``world_size`` shards, rank r reads shards
-    r, r + world_size, ...; otherwise (few shards, or evaluation, where dropping a whole shard's
-    worth would bias the result) it reads samples r, r + world_size, ... of the whole split. Each
-    rank then takes the same number of samples per epoch, the minimum over ranks (a random subset
-    of its own when shuffling), so every rank yields ``len(self)`` batches and DDP never waits on a
-    rank that ran out.
+    Sharding: the split's samples, shard by shard, are cut into ``world_size`` contiguous ranges of
+    ``total // world_size`` or one more samples; rank r reads range r. Every sample belongs to exactly one
+    rank whatever the shard count and sizes (3 shards on 2 ranks: each rank reads one and a half shards),
+    and a rank reads whole shards but for at most two at the ends of its range. Each rank then takes the
+    same number of samples per epoch, ``total // world_size`` (when shuffling a random subset of its own,
+    so a rank with one sample more leaves out a different one each epoch), so every rank yields
+    ``len(self)`` batches and DDP never waits on a rank that ran out; with ``drop_last`` a rank leaves
+    out at most one batch's worth of its samples per epoch.
 
     Order: a pure function of (seed, epoch, rank): a permutation of the rank's samples when
     ``shuffle``, stored order otherwise. Backends make their random crops and photometric
@@ -83,6 +86,17 @@ class Loader:
     (the batch being yielded counts as consumed). ``load_state_dict`` makes the next iteration
     start at batch b of epoch e; ``set_epoch(e)`` starts epoch e at batch 0 except right after a
     resume into e. A completed iteration moves on to the next epoch by itself.
+
+    Bad samples: a sample whose bytes do not decode (damaged after conversion) raises a
+    ``DatasetFormatError`` naming its file and sample id; with ``skip_bad_samples`` it is instead replaced
+    in its batch by the next good sample of that batch (cyclically), so the batch keeps its shape and what
+    a batch holds stays a pure function of the data, the seed and the epoch (a resumed run replaces alike).
+    ``bad_samples`` maps the global id of each bad sample met so far to a message naming its file; an
+    entry appears when the batch holding the sample is yielded, not earlier, whatever the backend's
+    read-ahead. Every backend checks each sample at the point it decodes it: whole-image decoding with PIL
+    (torch workers, RAM cache), the header when the boxes are drawn and a failed batch decode retried image
+    by image (torch decode="device"), the header before the bytes go to DALI, and the decoder's status per
+    image (FFCV).
 
     Subclasses implement ``_iter_epoch(epoch, start)`` yielding batches ``start, start + 1, ...``.
     """
@@ -99,6 +113,7 @@ class Loader:
         seed: int = 0,
         shuffle: bool = True,
         drop_last: bool = True,
+        skip_bad_samples: bool = False,
     ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size (per rank) must be a positive int, got {batch_size!r}")
@@ -112,18 +127,15 @@ class Loader:
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         total, n_shards = int(self.offsets[-1]), len(self.counts)
 
-        if self.drop_last and n_shards >= world_size:
-            self.shard_mode = "shards"
-            self.shards = list(range(rank, n_shards, world_size))
-            self.sample_ids = np.concatenate(
-                [np.arange(self.offsets[s], self.offsets[s + 1]) for s in self.shards]
-            ).astype(np.int64)
-            per_rank = min(sum(self.counts[r::world_size]) for r in range(world_size))
-        else:
-            self.shard_mode = "strided"
-            self.shards = [s for s in range(n_shards) if self.counts[s] > 0]
-            self.sample_ids = np.arange(rank, total, world_size, dtype=np.int64)
-            per_rank = total // world_size
+        # Contiguous ranges, not whole shards per rank: with a shard count that world_size does not divide (or
+        # shards of unequal sizes) whole shards leave the ranks unequal, and equal batch counts then meant
+        # dropping the surplus of the larger ranks every epoch.
+        lo, hi = rank * total // world_size, (rank + 1) * total // world_size
+        self.shard_mode = "ranges"
+        self.sample_ids = np.arange(lo, hi, dtype=np.int64)
+        self.shards = [s for s in range(n_shards) if self.counts[s] > 0 and self.offsets[s] < hi
+                       and self.offsets[s + 1] > lo]
+        per_rank = total // world_size  # the smallest range
         self.samples_per_epoch = per_rank
         n_batches = per_rank // batch_size if self.drop_last else math.ceil(per_rank / batch_size)
         if n_batches == 0:
@@ -132,6 +144,9 @@ class Loader:
                 f"gets {per_rank} samples per epoch (split of {total}); lower batch_size or world_size"
             )
         self._n_batches = n_batches
+        self.skip_bad_samples = bool(skip_bad_samples)
+        self.bad_samples: dict[int, str] = {}  # global sample id -> where it is and why it is bad
+        self._batch_bad: dict[int, list[tuple[int, str]]] = {}  # batch of the running epoch -> its bad samples
         self._pos = (0, 0)  # (epoch, next batch) of the live stream
         self._resume_pending = False
 
@@ -186,8 +201,11 @@ class Loader:
         if start >= len(self):
             epoch, start = epoch + 1, 0
         self._resume_pending = False
+        self._batch_bad = {}
         b = start
         for batch in self._iter_epoch(epoch, start):
+            for sample_id, message in self._batch_bad.pop(b, ()):
+                self.bad_samples.setdefault(sample_id, message)
             b += 1
             self._pos = (epoch, b)  # before yielding: the batch in the caller's hands counts as consumed
             yield batch
@@ -195,6 +213,20 @@ class Loader:
 
     def _iter_epoch(self, epoch: int, start: int) -> Iterator[Batch]:
         raise NotImplementedError
+
+    # ---- bad samples ------------------------------------------------------------------------------
+    def bad_sample(self, batch: int, sample_id: int, where: str, reason: str) -> None:
+        """A backend met a sample that does not decode in ``batch`` of the running epoch (any thread).
+
+        Raises ``DatasetFormatError`` naming ``where`` (its file and sample) unless ``skip_bad_samples``; else
+        records it, for ``bad_samples`` once that batch is yielded. The backend then replaces the sample
+        (``replacements``)."""
+        message = f"{where} does not decode ({reason})"
+        if not self.skip_bad_samples:
+            raise DatasetFormatError(f"{message}; the file was damaged after conversion: rerun fastssl-convert "
+                                     "(training skips such samples up to data.max_bad_samples)")
+        self._batch_bad.setdefault(batch, []).append((int(sample_id), message))
+
 
     # ---- shared photometric stage -----------------------------------------------------------
     def photometric(self, crops: Sequence[torch.Tensor], epoch: int, batch: int) -> list[torch.Tensor]:
@@ -208,6 +240,18 @@ class Loader:
             gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank, batch, i, STREAM_PHOTO))
             views.append(apply_photometric(x, view, self.spec.mean, self.spec.std, gen, inplace=True))
         return views
+
+
+def replacements(bad: np.ndarray, what: str = "a batch") -> np.ndarray:
+    """For a batch with bad slots ``bad`` (bool (B,)): int64 (B,), slot i's own index when it is good, else the
+    next good slot after it (cyclically): the sample that stands in for it. A batch of bad samples only is an
+    error (``what`` names the batch)."""
+    good = np.flatnonzero(~np.asarray(bad, dtype=bool))
+    if len(good) == 0:
+        raise DatasetFormatError(f"{what}: every one of its {len(bad)} samples fails to decode; the data is "
+                                 "damaged: rerun fastssl-convert")
+    nxt = np.searchsorted(good, np.arange(len(bad)))
+    return good[np.where(nxt == len(good), 0, nxt)]
 
 
 # ---- background producer shared by the backends -------------------------------------------------
@@ -338,6 +382,7 @@ def build_loader(
     decode: str = "host",
     augment: bool | None = None,
     progress: bool = True,
+    skip_bad_samples: bool = False,
 ) -> Loader:
     """A loader over ``split`` of the converted dataset at ``path`` for this rank.
 
@@ -351,6 +396,8 @@ def build_loader(
       workers) or "device" (the workers read bytes; the batch is decoded on the device: nvJPEG on CUDA).
     progress: a progress bar for slow set-up work (the torch backend's RAM-cache fill); pass False on
       every rank but one, and for quiet runs.
+    skip_bad_samples: replace a sample that does not decode by the next one of its batch and record it in
+      ``loader.bad_samples`` (training) instead of raising ``DatasetFormatError`` (see ``Loader``).
     The loader yields ``Batch``; see ``Loader`` for sharding, order and resume.
     """
     if isinstance(spec, str):
@@ -375,4 +422,5 @@ def build_loader(
         raise ValueError(f"decode={decode!r} is a torch-backend option; backend {name!r} decodes its own way "
                          "(dali: nvJPEG on the GPU)")
     return cls(path, spec, batch_size, split=split, rank=rank, world_size=world_size, device=device, seed=seed,
-               shuffle=shuffle, drop_last=drop_last, num_workers=num_workers, **options)
+               shuffle=shuffle, drop_last=drop_last, num_workers=num_workers, skip_bad_samples=skip_bad_samples,
+               **options)

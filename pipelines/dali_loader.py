@@ -33,11 +33,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines import STREAM_CROP, STREAM_PHOTO, Batch, Loader, derive_seed
+from pipelines import STREAM_CROP, STREAM_PHOTO, Batch, Loader, derive_seed, replacements
 from pipelines.formats import DatasetFormatError, load_manifest, shard_counts, shard_paths
 from pipelines.photometric import JITTER_OPS, blur_kernel_size, sample_photometric_params
 from pipelines.spec import MultiCropSpec, ViewSpec
-from pipelines.torch_loader import _INDEX_COLUMNS, index_shard, sample_rrc
+from pipelines.torch_loader import _INDEX_COLUMNS, describe_error, index_shard, sample_rrc
 
 _NO_BLUR_SIGMA = 1e-3  # a Gaussian this narrow is a delta at any pixel spacing: the identity
 
@@ -103,12 +103,14 @@ class DaliLoader(Loader):
         num_workers: int | None = None,
         dali_photometric: bool = False,
         prefetch: int = 2,
+        skip_bad_samples: bool = False,
     ):
         self.path = Path(path)
         manifest = load_manifest(self.path)
         self.shard_files = [str(p) for p in shard_paths(self.path, split, manifest)]
         super().__init__(shard_counts(manifest, split), spec, batch_size, rank=rank, world_size=world_size,
-                         device=device, seed=seed, shuffle=shuffle, drop_last=drop_last)
+                         device=device, seed=seed, shuffle=shuffle, drop_last=drop_last,
+                         skip_bad_samples=skip_bad_samples)
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device}")
         self.split = split
@@ -118,6 +120,7 @@ class DaliLoader(Loader):
         self.decoder_device = "mixed" if self.device.type == "cuda" else "cpu"
         self._index_samples()
         self._fds: dict[int, int] = {}
+        self._undecodable: dict[int, str] = {}  # positions whose bytes DALI's decoder refused (see _iter_epoch)
 
     # ---- shard access ------------------------------------------------------------------------
     def _index_samples(self) -> None:
@@ -135,6 +138,10 @@ class DaliLoader(Loader):
         for s in self.shards:
             mine = self.shard_of == s
             self.index[mine] = index[s][self.sample_ids[mine] - self.offsets[s]]
+
+    def _where(self, pos: int) -> str:
+        """'<shard file>: sample <global id>' for messages."""
+        return f"{self.shard_files[int(self.shard_of[pos])]}: sample {int(self.sample_ids[pos])}"
 
     def _read(self, pos: int) -> tuple[bytes, int]:
         shard = int(self.shard_of[pos])
@@ -160,13 +167,29 @@ class DaliLoader(Loader):
         views = self.spec.views
         jpegs, labels = [], []
         rois: list[list] = [[] for _ in views]
-        for pos in positions:
-            jpeg, label = self._read(int(pos))
+        bad = np.zeros(len(positions), dtype=bool)
+        for i, pos in enumerate(positions):
+            pos = int(pos)
+            jpeg, label = self._read(pos)
             jpegs.append(np.frombuffer(jpeg, dtype=np.uint8))
             labels.append(np.array([label], dtype=np.int32))
+            # The header is parsed here for the crop box; a damaged one is found before DALI sees the bytes.
+            why = self._undecodable.get(pos)
+            try:
+                size = jpeg_size(jpeg)
+            except Exception as e:  # noqa: BLE001 - PIL raises UnidentifiedImageError, SyntaxError...
+                why = describe_error(e)
+            if why is not None:
+                self.bad_sample(b, int(self.sample_ids[pos]), self._where(pos), why)  # raises unless skipping
+                bad[i] = True
+                size = (1, 1)
             rng = random.Random(derive_seed(self.seed, epoch, int(self.sample_ids[pos]), STREAM_CROP))
-            for v, roi in enumerate(crop_rois(*jpeg_size(jpeg), views, rng)):
+            for v, roi in enumerate(crop_rois(*size, views, rng)):
                 rois[v].append(roi)
+        if bad.any():  # each bad sample's slot takes the bytes, label and boxes of the next good one
+            stand_in = replacements(bad, f"{self._where(int(positions[0]))} and the rest of its batch")
+            jpegs, labels = [jpegs[j] for j in stand_in], [labels[j] for j in stand_in]
+            rois = [[per_view[j] for j in stand_in] for per_view in rois]
         out = [jpegs, labels]
         for per_view in rois:
             out.append([np.array(start, dtype=np.float32) for start, _ in per_view])
@@ -232,13 +255,47 @@ class DaliLoader(Loader):
             return dst
         return torch.from_numpy(np.array(out.as_array(), copy=True)).to(self.device, non_blocking=True)
 
+    def _locate_undecodable(self, positions: np.ndarray, error: Exception) -> bool:
+        """After DALI failed on a batch: decode its samples with PIL to find those that do not decode; they are
+        remembered (``_feed`` replaces them from now on). Returns whether any was found."""
+        found = False
+        for pos in positions:
+            pos = int(pos)
+            if pos in self._undecodable:
+                continue
+            jpeg, _ = self._read(pos)
+            why = _full_decode_error(jpeg)
+            if why is not None:
+                self._undecodable[pos] = f"{why}; DALI's decoder failed on its batch"
+                found = True
+        return found
+
     def _iter_epoch(self, epoch: int, start: int) -> Iterator[Batch]:
-        batches = self.batch_positions(epoch)[start:]
+        plan = self.batch_positions(epoch)
+        b = start
+        while b < len(plan):
+            try:
+                yield from self._run_pipeline(plan, epoch, b)
+                return
+            except DatasetFormatError:
+                raise
+            except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError with its decoder's message
+                # The failure surfaces at the batch being run or, prefetched, a few before the one that failed:
+                # look in those, then run a fresh pipeline from the batch being run, with the culprits replaced.
+                failed = self._next_batch
+                ahead = np.concatenate(plan[failed : failed + self.prefetch + 1])
+                if not self._locate_undecodable(ahead, e):
+                    raise
+                b = failed
+
+    def _run_pipeline(self, plan: list[np.ndarray], epoch: int, start: int) -> Iterator[Batch]:
+        batches = plan[start:]
         source = (self._feed(pos, epoch, b) for b, pos in enumerate(batches, start=start))
         # A fresh pipeline per epoch: the source is this epoch's plan from the resume point.
         pipe = self.build_pipeline(source)
         try:
             for b in range(start, start + len(batches)):
+                self._next_batch = b
                 outs = pipe.run()
                 labels = self._to_torch(outs[0]).reshape(-1).long()
                 # (B, S, S, 3) -> (B, 3, S, S) channels-last view, no copy
@@ -247,6 +304,19 @@ class DaliLoader(Loader):
                 yield Batch(views, labels)
         finally:
             del pipe
+
+
+def _full_decode_error(jpeg: bytes) -> str | None:
+    """Why PIL cannot decode ``jpeg`` completely (truncated or corrupt data included), or None."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings(), Image.open(io.BytesIO(jpeg)) as img:
+            warnings.simplefilter("error")  # PIL only warns about some corrupt data
+            img.load()
+    except Exception as e:  # noqa: BLE001 - any failure is the same data error
+        return describe_error(e)
+    return None
 
 
 def _torch_dtype(dali_dtype) -> torch.dtype:

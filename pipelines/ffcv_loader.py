@@ -65,7 +65,7 @@ import torch
 from numba import njit
 from PIL import Image
 
-from pipelines import STREAM_CROP, Batch, Loader, derive_seed, prefetch
+from pipelines import STREAM_CROP, Batch, Loader, derive_seed, prefetch, replacements
 from pipelines.formats import (
     DatasetFormatError,
     beton_name,
@@ -75,6 +75,7 @@ from pipelines.formats import (
     shard_counts,
     shard_paths,
 )
+from pipelines.progress import progress_bar
 from pipelines.spec import MultiCropSpec, ViewSpec
 from pipelines.torch_loader import index_shard
 
@@ -378,13 +379,13 @@ def _page_size(max_side: int) -> int:
 
 
 @contextlib.contextmanager
-def _writer_progress(show: bool) -> Iterator[None]:
-    """FFCV's DatasetWriter always draws a tqdm bar; without ``show`` it gets a disabled one."""
+def _writer_progress(show: bool, desc: str) -> Iterator[None]:
+    """FFCV's DatasetWriter always draws a tqdm bar: it gets ours instead (plain lines in a log), disabled
+    without ``show``."""
     import ffcv.writer
 
     bar = ffcv.writer.tqdm
-    if not show:
-        ffcv.writer.tqdm = functools.partial(bar, disable=True)
+    ffcv.writer.tqdm = functools.partial(progress_bar, desc=desc, unit="img", disable=not show)
     try:
         yield
     finally:
@@ -408,7 +409,7 @@ def write_beton(path: str | os.PathLike, shard_files: Sequence[str | os.PathLike
     writer = None
     try:
         writer = DatasetWriter(str(tmp), fields, page_size=_page_size(max_side), num_workers=max(1, workers))
-        with _writer_progress(progress):
+        with _writer_progress(progress, path.name):
             writer.from_indexed_dataset(samples, chunksize=64)
         fd = os.open(tmp, os.O_RDONLY)
         try:
@@ -476,12 +477,14 @@ class FfcvLoader(Loader):
         drop_last: bool = True,
         num_workers: int | None = None,
         prefetch: int = 2,
+        skip_bad_samples: bool = False,
     ):
         self.path = Path(path)
         manifest = load_manifest(self.path)
         self.beton = beton_path(self.path, split, manifest)
         super().__init__(shard_counts(manifest, split), spec, batch_size, rank=rank, world_size=world_size,
-                         device=device, seed=seed, shuffle=shuffle, drop_last=drop_last)
+                         device=device, seed=seed, shuffle=shuffle, drop_last=drop_last,
+                         skip_bad_samples=skip_bad_samples)
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device}")
         self.split = split
@@ -555,13 +558,21 @@ class FfcvLoader(Loader):
                 self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="ffcv-decode")
             for f in [self._pool.submit(self.decoder.fill, *args) for args in work]:
                 f.result()
-        if status.any():
-            bad = int(self.sample_ids[rows[np.flatnonzero(status)[0]]])
-            raise DatasetFormatError(f"{self.beton}: sample {bad} does not decode; rerun fastssl-convert")
         labels = torch.from_numpy(self._labels[rows])
+        broken = []
+        if status.any():  # turbojpeg refused these: each slot takes the crops and label of the next good one
+            bad = status != 0
+            broken = [(int(self.sample_ids[rows[i]]), f"{self.beton}: sample {int(self.sample_ids[rows[i]])}",
+                       f"turbojpeg status {int(status[i])}") for i in np.flatnonzero(bad)]
+            if not self.skip_bad_samples:
+                self.bad_sample(-1, *broken[0])  # raises, naming it
+            stand_in = torch.from_numpy(replacements(bad, f"{broken[0][1]} and the rest of its batch"))
+            for c in crops:
+                c.copy_(c[stand_in])
+            labels, boxes = labels[stand_in], boxes[stand_in.numpy()]
         if pin:
             labels = labels.pin_memory()
-        return crops, labels, boxes, int(decodes.sum())
+        return crops, labels, boxes, int(decodes.sum()), broken
 
     def _batches(self, batches: list[np.ndarray], epoch: int) -> Iterator[tuple]:
         """``_load`` of each batch in order; with ``prefetch`` a producer thread runs that many batches ahead."""
@@ -575,7 +586,9 @@ class FfcvLoader(Loader):
 
     def _iter_epoch(self, epoch: int, start: int) -> Iterator[Batch]:
         batches = self.batch_positions(epoch)[start:]
-        for b, (crops, labels, boxes, decodes) in enumerate(self._batches(batches, epoch), start=start):
+        for b, (crops, labels, boxes, decodes, broken) in enumerate(self._batches(batches, epoch), start=start):
+            for sample_id, where, reason in broken:
+                self.bad_sample(b, sample_id, where, reason)
             self.decode_count += decodes
             self.last_boxes = boxes
             # (B, S, S, 3) -> (B, 3, S, S) channels-last view, no copy

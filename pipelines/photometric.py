@@ -297,10 +297,10 @@ _cpp_warned = False
 def _have_cpp() -> bool:
     """Whether the C++ kernel is built (building it on the first call); warns once when it cannot be."""
     global _cpp_warned
-    from fastssl.optim import extensions  # lazy: importing pipelines must not pull in the builder
+    from pipelines import native  # lazy: importing pipelines does not need the builder
 
     try:
-        extensions.load_photometric_cpu()
+        native.load_photometric_cpu()
         return True
     except Exception as exc:  # noqa: BLE001 - compiler errors arrive as several exception types
         if not _cpp_warned:
@@ -346,9 +346,9 @@ def _apply_fused(x: torch.Tensor, params: Params, scale: torch.Tensor, bias: tor
 def _apply_cpp(x: torch.Tensor, params: Params, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """The whole stage in one C++ call (csrc/photometric_cpu.cpp) on CPU tensors: x (B, 3, H, W) uint8 or float,
     any strides -> float32 (B, 3, H, W) normalized, channels-last. Same decisions and maths as the torch path."""
-    from fastssl.optim import extensions
+    from pipelines import native
 
-    module = extensions.load_photometric_cpu()
+    module = native.load_photometric_cpu()
     if x.dtype not in (torch.uint8, torch.float32):
         x = x.float()
     jitter = params["jitter"].bool()

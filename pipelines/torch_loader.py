@@ -33,6 +33,7 @@ import itertools
 import math
 import os
 import random
+import re
 import struct
 import tarfile
 from collections.abc import Iterator
@@ -45,8 +46,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipelines import STREAM_CROP, STREAM_WORKERS, Batch, Loader, derive_seed, prefetch
+from pipelines import STREAM_CROP, STREAM_WORKERS, Batch, Loader, derive_seed, prefetch, replacements
 from pipelines.formats import DatasetFormatError, iter_samples, load_manifest, shard_counts, shard_paths
+from pipelines.progress import progress_bar
 from pipelines.spec import MultiCropSpec
 
 RAM_CACHE_BUDGET = 2 << 30  # bytes of decoded uint8 pixels per rank that cache="auto" keeps in memory
@@ -227,6 +229,21 @@ def _decode(jpeg: bytes) -> Image.Image:
     return img if img.mode in ("L", "RGB") else img.convert("RGB")
 
 
+def describe_error(e: BaseException) -> str:
+    """'<type>: <message>' of a decoder's exception, without the address of an in-memory file (PIL names the
+    BytesIO it read, which says nothing to a user)."""
+    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", f"{type(e).__name__}: {e}")
+
+
+def _try_decode(jpeg: bytes) -> Image.Image | str:
+    """``_decode``, or why the bytes do not decode (PIL raises UnidentifiedImageError, OSError, ValueError,
+    SyntaxError... on damaged data: any exception is the same data error)."""
+    try:
+        return _decode(jpeg)
+    except Exception as e:  # noqa: BLE001
+        return describe_error(e)
+
+
 class _CropDataset(Dataset):
     """Map-style dataset over the rank's samples. Keys are ``(position, epoch)``; a worker receives a
     whole batch of keys (``__getitems__``) and writes every view's crops straight into (B, S, S, 3)
@@ -234,8 +251,8 @@ class _CropDataset(Dataset):
     (seed, epoch, global sample id), a pure function of those keys."""
 
     def __init__(self, spec: MultiCropSpec, seed: int, sample_ids: np.ndarray, shard_files: list[str],
-                 shard_of: np.ndarray, index: np.ndarray, raw: bool = False):
-        self.spec, self.seed, self.raw = spec, seed, raw
+                 shard_of: np.ndarray, index: np.ndarray, raw: bool = False, skip_bad: bool = False):
+        self.spec, self.seed, self.raw, self.skip_bad = spec, seed, raw, skip_bad
         self.sample_ids, self.shard_files, self.shard_of, self.index = sample_ids, shard_files, shard_of, index
         self._fds: dict[int, int] = {}
         self._pid = -1
@@ -263,26 +280,42 @@ class _CropDataset(Dataset):
             box = sample_rrc(h, w, view.scale, view.ratio, rng)
             yield (*box, rng.random() < view.flip_p)
 
-    def _raw_items(self, keys: list[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
+    def _bad(self, pos: int, reason: str) -> tuple[int, str, str]:
+        """A sample that does not decode: raise naming it, or (with ``skip_bad``) describe it for the loader."""
+        if not self.skip_bad:
+            raise DatasetFormatError(f"{self.where(pos)} does not decode ({reason}); the file was damaged after "
+                                     "conversion: rerun fastssl-convert (training skips such samples up to "
+                                     "data.max_bad_samples)")
+        return int(self.sample_ids[pos]), self.where(pos), reason
+
+    def _raw_items(self, keys: list[tuple[int, int]]) -> tuple:
         """decode="device": no decoding here. The batch's JPEGs as one uint8 buffer and their int64 (B + 1,)
         offsets; int64 (B, V, 5) boxes + flip (top, left, height, width, flip), from the JPEG header's size;
-        labels int64 (B,); the samples' positions int64 (B,) (for error messages)."""
+        labels int64 (B,); the samples' positions int64 (B,) (for error messages); the bad samples (``_bad``),
+        each replaced by the next good one of the batch (``pipelines.replacements``)."""
         jpegs, labels = [], np.empty(len(keys), dtype=np.int64)
-        boxes = np.empty((len(keys), len(self.spec.views), 5), dtype=np.int64)
+        boxes = np.zeros((len(keys), len(self.spec.views), 5), dtype=np.int64)
+        bad, broken = np.zeros(len(keys), dtype=bool), []
         for i, (pos, epoch) in enumerate(keys):
             jpeg, labels[i] = self._read(pos)
             try:
                 w, h = Image.open(io.BytesIO(jpeg)).size  # parses the header only
             except Exception as e:  # noqa: BLE001 - any parse failure is the same data error
-                raise DatasetFormatError(f"{self.where(pos)} is not a readable JPEG ({e}); rerun "
-                                         "fastssl-convert") from e
+                broken.append(self._bad(pos, describe_error(e)))
+                bad[i] = True
+                jpegs.append(jpeg)
+                continue
             boxes[i] = list(self._boxes(pos, epoch, h, w))
             jpegs.append(jpeg)
+        if broken:
+            stand_in = replacements(bad, f"{self.where(keys[0][0])} and the rest of its batch")
+            jpegs = [jpegs[j] for j in stand_in]
+            boxes, labels = boxes[stand_in], labels[stand_in]
         offsets = np.zeros(len(jpegs) + 1, dtype=np.int64)
         np.cumsum([len(j) for j in jpegs], out=offsets[1:])
         data = torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8)
         positions = torch.tensor([pos for pos, _ in keys], dtype=torch.int64)
-        return data, torch.from_numpy(offsets), torch.from_numpy(boxes), torch.from_numpy(labels), positions
+        return data, torch.from_numpy(offsets), torch.from_numpy(boxes), torch.from_numpy(labels), positions, broken
 
     def where(self, pos: int) -> str:
         """'<shard file>: sample <global id>' for error messages."""
@@ -296,9 +329,14 @@ class _CropDataset(Dataset):
         views = self.spec.views
         out: list[np.ndarray] = []
         labels = np.empty(len(keys), dtype=np.int64)
+        bad, broken = np.zeros(len(keys), dtype=bool), []
         for i, (pos, epoch) in enumerate(keys):
             jpeg, labels[i] = self._read(pos)
-            img = _decode(jpeg)
+            img = _try_decode(jpeg)
+            if isinstance(img, str):
+                broken.append(self._bad(pos, img))
+                bad[i] = True
+                continue
             if not out:  # the first image's channels size the batch
                 channels = 3 if img.mode == "RGB" else 1
                 out = [np.empty((len(keys), v.size, v.size, channels), dtype=np.uint8) for v in views]
@@ -313,13 +351,16 @@ class _CropDataset(Dataset):
                 if crop.ndim == 2:  # gray: resized at one channel, broadcast if the batch has three
                     crop = crop[..., None]
                 out[v][i] = crop[:, ::-1] if flip else crop
-        return [torch.from_numpy(o) for o in out], torch.from_numpy(labels)
+        if broken:  # each bad slot takes the crops and label of the next good sample of the batch
+            stand_in = replacements(bad, f"{self.where(keys[0][0])} and the rest of its batch")
+            out, labels = [o[stand_in] for o in out], labels[stand_in]
+        return [torch.from_numpy(o) for o in out], torch.from_numpy(labels), broken
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], int]:
         """One sample: per-view (S, S, C) uint8 tensors and the label (host decoding)."""
         if self.raw:
             raise TypeError("a raw (decode='device') dataset serves whole batches only (__getitems__)")
-        crops, labels = self.__getitems__([key])
+        crops, labels, _ = self.__getitems__([key])
         return [c[0] for c in crops], int(labels[0])
 
     def __del__(self):
@@ -359,7 +400,7 @@ def default_num_workers() -> int:
 class TorchLoader(Loader):
     """torchvision/PIL backend; see the module docstring. Arguments as ``pipelines.build_loader``, plus
     ``decode`` ("host": PIL in the workers; "device": see the module docstring), ``cache_budget`` (bytes for
-    cache="auto") and ``progress`` (a tqdm bar while filling the RAM cache)."""
+    cache="auto") and ``progress`` (a progress bar while filling the RAM cache)."""
 
     def __init__(
         self,
@@ -379,6 +420,7 @@ class TorchLoader(Loader):
         decode: str = "host",
         cache_budget: int = RAM_CACHE_BUDGET,
         progress: bool = True,
+        skip_bad_samples: bool = False,
     ):
         if cache not in ("auto", "ram", "none"):
             raise ValueError(f"cache must be 'auto', 'ram' or 'none', got {cache!r}")
@@ -393,7 +435,8 @@ class TorchLoader(Loader):
         manifest = load_manifest(self.path)
         self.shard_files = [str(p) for p in shard_paths(self.path, split, manifest)]
         super().__init__(shard_counts(manifest, split), spec, batch_size, rank=rank, world_size=world_size,
-                         device=device, seed=seed, shuffle=shuffle, drop_last=drop_last)
+                         device=device, seed=seed, shuffle=shuffle, drop_last=drop_last,
+                         skip_bad_samples=skip_bad_samples)
         self.split = split
         self.num_workers = default_num_workers() if num_workers is None else int(num_workers)
         self.mode = "workers"
@@ -412,10 +455,16 @@ class TorchLoader(Loader):
         wanted = np.full(int(self.offsets[-1]), -1, dtype=np.int64)
         wanted[self.sample_ids] = np.arange(len(self.sample_ids))
         for s in self.shards:
+            j = -1
             for j, (_, jpeg, label) in enumerate(iter_samples(self.shard_files[s])):
+                if j >= self.counts[s]:
+                    break
                 pos = wanted[self.offsets[s] + j]
                 if pos >= 0:
                     yield int(pos), jpeg, label
+            if j + 1 != self.counts[s]:  # a damaged tar header ends tarfile's walk early, silently
+                raise DatasetFormatError(f"{self.shard_files[s]}: {j + 1} samples readable, the manifest lists "
+                                         f"{self.counts[s]}; the shard is damaged: rerun fastssl-convert")
 
     def _fill_cache(self, budget: int | None, progress: bool) -> str | None:
         """Decode the rank's images into ``self.images`` (N, C, H, W) uint8 on the device; or return why not.
@@ -425,8 +474,18 @@ class TorchLoader(Loader):
         """
         n = len(self.sample_ids)
         samples = self._rank_samples()
-        first_pos, first_jpeg, first_label = next(samples)
-        first = _decode(first_jpeg)
+        self._bad_pos = np.zeros(n, dtype=bool)  # samples that do not decode: replaced in their batches
+        self._bad_why: dict[int, str] = {}
+        skipped = []  # bad samples before the first good one, which sizes the cache
+        for first_pos, first_jpeg, first_label in samples:
+            first = _try_decode(first_jpeg)
+            if not isinstance(first, str):
+                break
+            self._ram_bad(first_pos, first)  # raises unless skipping
+            skipped.append((first_pos, first, first_label))
+        else:
+            raise DatasetFormatError(f"{self.path} ({self.split}): none of this rank's {n} samples decodes; the "
+                                     "data is damaged: rerun fastssl-convert")
         h, w = first.height, first.width
         channels = 1 if first.mode == "L" else 3
         if budget is not None and n * h * w * channels > budget:
@@ -434,16 +493,19 @@ class TorchLoader(Loader):
         pixels = np.empty((n, h, w, channels), dtype=np.uint8)
         labels = np.empty(n, dtype=np.int64)
 
-        from tqdm import tqdm
-
-        bar = tqdm(total=n, desc=f"decoding {self.path.name}/{self.split} into RAM", unit="img",
-                   disable=not progress or self.rank != 0, leave=False)
-        items = [(first_pos, first_label)]
-        decoded = [first]
+        bar = progress_bar(total=n, desc=f"decoding {self.path.name}/{self.split} into RAM", unit="img",
+                           disable=not progress or self.rank != 0, leave=False)
+        items = [(pos, label) for pos, _, label in skipped] + [(first_pos, first_label)]
+        decoded = [why for _, why, _ in skipped] + [first]
         # PIL decodes outside the GIL: a thread pool decodes each chunk on all cores.
         with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
             while True:
                 for (pos, label), img in zip(items, decoded, strict=True):
+                    if isinstance(img, str):  # raises unless skipping; batches replace it (_ram_batch)
+                        self._ram_bad(pos, img)
+                        pixels[pos] = 0
+                        labels[pos] = label
+                        continue
                     if (img.width, img.height) != (w, h):
                         bar.close()
                         return f"images differ in size ({w}x{h} and {img.width}x{img.height})"
@@ -459,13 +521,32 @@ class TorchLoader(Loader):
                 if not chunk:
                     break
                 items = [(pos, label) for pos, _, label in chunk]
-                decoded = list(pool.map(_decode, [jpeg for _, jpeg, _ in chunk]))
+                decoded = list(pool.map(_try_decode, [jpeg for _, jpeg, _ in chunk]))
         bar.close()
         self.images = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(self.device)  # (N, C, H, W) channels-last
         self.labels = torch.from_numpy(labels).to(self.device)
         return None
 
+    def _where(self, pos: int) -> str:
+        """'<shard file>: sample <global id>' of position ``pos`` in sample_ids, for messages."""
+        sample = int(self.sample_ids[pos])
+        return f"{self.shard_files[int(np.searchsorted(self.offsets, sample, side='right')) - 1]}: sample {sample}"
+
+    def _ram_bad(self, pos: int, reason: str) -> None:
+        """A sample the RAM-cache fill could not decode: an error naming it, or (skipping) noted for its batches."""
+        if not self.skip_bad_samples:
+            raise DatasetFormatError(f"{self._where(pos)} does not decode ({reason}); the file was damaged after "
+                                     "conversion: rerun fastssl-convert (training skips such samples up to "
+                                     "data.max_bad_samples)")
+        self._bad_pos[pos] = True
+        self._bad_why[pos] = reason
+
     def _ram_batch(self, positions: np.ndarray, epoch: int, b: int) -> Batch:
+        bad = self._bad_pos[positions]
+        if bad.any():  # each bad sample takes the place of the next good one of the batch
+            for pos in positions[bad]:
+                self.bad_sample(b, int(self.sample_ids[pos]), self._where(int(pos)), self._bad_why[int(pos)])
+            positions = positions[replacements(bad, f"{self._where(int(positions[0]))} and the rest of its batch")]
         idx = torch.from_numpy(positions).to(self.device, non_blocking=True)
         images = self.images.index_select(0, idx).float().contiguous()  # (B, C, H, W) 0..255
         n, _, h, w = images.shape
@@ -496,7 +577,7 @@ class TorchLoader(Loader):
             mine = shard_of == s
             table[mine] = index[s][self.sample_ids[mine] - self.offsets[s]]
         self.dataset = _CropDataset(self.spec, self.seed, self.sample_ids, self.shard_files, shard_of, table,
-                                    raw=self.decode == "device")
+                                    raw=self.decode == "device", skip_bad=self.skip_bad_samples)
         self._sampler = _PlanSampler()
         workers = self.num_workers
         self._dl = DataLoader(
@@ -518,7 +599,9 @@ class TorchLoader(Loader):
             batches = (self._device_batch(*raw, epoch, b) for b, raw in enumerate(self._dl, start=start))
             yield from prefetch(batches, self.device)
             return
-        for b, (crops, labels) in enumerate(self._dl, start=start):
+        for b, (crops, labels, broken) in enumerate(self._dl, start=start):
+            for sample_id, where, reason in broken:  # found (and replaced) by a worker
+                self.bad_sample(b, sample_id, where, reason)
             # (B, S, S, C) -> (B, C, S, S) channels-last view, no copy
             crops = [c.to(self.device, non_blocking=True).permute(0, 3, 1, 2) for c in crops]
             yield Batch(self.photometric(crops, epoch, b), labels.to(self.device, non_blocking=True))
@@ -532,23 +615,29 @@ class TorchLoader(Loader):
         return list(groups.items())
 
     def _device_batch(self, data: torch.Tensor, offsets: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
-                      positions: torch.Tensor, epoch: int, b: int) -> Batch:
+                      positions: torch.Tensor, broken: list, epoch: int, b: int) -> Batch:
         """One batch from ``_CropDataset._raw_items``: decode on the device, crop + resize + flip, photometric."""
         from torchvision.ops import roi_align
 
         dev = self.device
         if self.jpeg_decoder is None:
             self.jpeg_decoder = DeviceJpegDecoder(dev)
+        for sample_id, where, reason in broken:  # a header the worker could not parse (already replaced)
+            self.bad_sample(b, sample_id, where, reason)
         bounds = offsets.tolist()
         jpegs = [data[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
         try:
             images = self.jpeg_decoder(jpegs)  # list of uint8 (3, H, W)
-        except Exception as e:  # noqa: BLE001 - the decoders raise RuntimeError, ValueError...: find the sample
-            bad = self.jpeg_decoder.first_failure(jpegs)
-            if bad is None:
+        except Exception as e:  # noqa: BLE001 - the decoders raise RuntimeError, ValueError...: find the samples
+            images, bad = self.jpeg_decoder.decode_each(jpegs)
+            if not bad.any():
                 raise
-            raise DatasetFormatError(f"{self.dataset.where(int(positions[bad]))} is not a decodable JPEG "
-                                     f"({self.jpeg_decoder.name}: {e}); rerun fastssl-convert") from e
+            for i in np.flatnonzero(bad):  # raises unless skipping
+                pos = int(positions[i])
+                self.bad_sample(b, int(self.sample_ids[pos]), self.dataset.where(pos), f"{self.jpeg_decoder.name}: {e}")
+            stand_in = replacements(bad, f"{self.dataset.where(int(positions[0]))} and the rest of its batch")
+            images = [images[j] for j in stand_in]
+            boxes, labels = boxes[stand_in], labels[stand_in]
         batch = _pad_replicate(images)  # float32 (B, 3, H, W): roi_align needs one tensor
         n, n_views = boxes.shape[:2]
         top, left, ch, cw, flip = boxes.unbind(-1)
@@ -625,14 +714,18 @@ class DeviceJpegDecoder:
     def __call__(self, jpegs: list[torch.Tensor]) -> list[torch.Tensor]:
         return self._fn(jpegs)
 
-    def first_failure(self, jpegs: list[torch.Tensor]) -> int | None:
-        """Index of the first JPEG that fails to decode alone (after a batch failed), or None."""
+    def decode_each(self, jpegs: list[torch.Tensor]) -> tuple[list[torch.Tensor | None], np.ndarray]:
+        """After a batch failed: each JPEG decoded alone; returns the images (None where it failed) and the
+        failures, bool (B,)."""
+        images: list[torch.Tensor | None] = []
+        bad = np.zeros(len(jpegs), dtype=bool)
         for i, jpeg in enumerate(jpegs):
             try:
-                self._fn([jpeg])
+                images.append(self._fn([jpeg])[0])
             except Exception:  # noqa: BLE001 - the batch's error is the one reported
-                return i
-        return None
+                images.append(None)
+                bad[i] = True
+        return images, bad
 
 
 def _pad_replicate(images: list[torch.Tensor]) -> torch.Tensor:

@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastssl.methods.base import SSLMethod  # noqa: E402
 from fastssl.models import build_backbone  # noqa: E402
-from fastssl.optim import extensions  # noqa: E402
 from fastssl.optim.ema import ema_update_, ema_update_loop_  # noqa: E402
 from fastssl.optim.lars import LARS  # noqa: E402
+from pipelines import native  # noqa: E402
 
 LR, MOMENTUM, WD, ETA = 0.1, 0.9, 1.5e-6, 0.001
 
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
         if impl in paths:
             t0 = time.perf_counter()
             try:
-                extensions.load_lars_cpu() if impl == "fused_cpu" else extensions.load_lars_cuda()
+                native.load_lars_cpu() if impl == "fused_cpu" else native.load_lars_cuda()
             except Exception as exc:  # noqa: BLE001 - report and skip the path
                 print(f"{impl}: build failed, skipped ({exc})")
                 paths.remove(impl)

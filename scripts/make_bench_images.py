@@ -99,9 +99,9 @@ def write_set(out: Path, n: int, classes: int = 10, quality: int = 90, seed: int
         d.mkdir(parents=True, exist_ok=True)
     bar = None
     if progress:
-        from tqdm import tqdm
+        from pipelines.progress import progress_bar
 
-        bar = tqdm(total=n, unit="img", desc="make_bench_images")
+        bar = progress_bar(total=n, unit="img", desc="make_bench_images")
     total_bytes = total_pixels = 0
     for i in range(n):
         rng = np.random.default_rng([seed, i])

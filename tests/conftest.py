@@ -151,3 +151,28 @@ def assert_same_batches(a: list[Batch], b: list[Batch]) -> None:
         assert torch.equal(x.labels, y.labels)
         for vx, vy in zip(x.views, y.views, strict=True):
             assert torch.equal(vx, vy)
+
+
+def assert_epoch_reads_every_sample(make_loader, total: int, world_size: int, batch: int, labels: list[int]) -> None:
+    """Shared by every backend's test: one epoch of ``world_size`` ranks (``make_loader(rank)``) reads every one of
+    the ``total`` samples at most once, each rank at most one batch short of its share, equal batch counts, the
+    same plan when built again; the batches carry the planned samples."""
+    loaders = [make_loader(r) for r in range(world_size)]
+    assert len({len(ld) for ld in loaders}) == 1
+    for epoch in (0, 3):
+        read = []
+        for r, ld in enumerate(loaders):
+            ids = ld.epoch_sample_ids(epoch)[: len(ld) * batch]
+            assert np.array_equal(ids, make_loader(r).epoch_sample_ids(epoch)[: len(ld) * batch])  # deterministic
+            own = len(ld.sample_ids)
+            assert own - batch <= len(ids) <= own  # at most one batch short of its share
+            ld.set_epoch(epoch)
+            got = torch.cat([b.labels for b in ld]).tolist()
+            assert got == [labels[i] for i in ids]
+            read.append(ids)
+        flat = np.concatenate(read)
+        assert len(set(flat.tolist())) == len(flat)  # once each
+        assert set(np.concatenate([ld.sample_ids for ld in loaders]).tolist()) == set(range(total))  # all owned
+        assert len(flat) >= total - world_size * batch
+        counts = [len(ld.sample_ids) for ld in loaders]
+        assert max(counts) - min(counts) <= 1  # balanced

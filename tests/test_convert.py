@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastssl import convert as convert_mod
 from fastssl.convert import FASHION_MNIST_CLASSES, ConvertError, convert, main, read_idx
+from fastssl.convert import find as convert_mod
 from pipelines.formats import MANIFEST, iter_samples, load_manifest, shard_counts, shard_paths
 
 REPO = Path(__file__).resolve().parents[1]

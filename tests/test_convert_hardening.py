@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastssl import convert as convert_mod
 from fastssl.convert import JOURNAL, convert, main, verify
+from fastssl.convert import image as convert_mod
 from pipelines.formats import MANIFEST, ShardWriter, iter_samples, load_manifest, shard_paths
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import RAMP_SIZE, assert_same_batches, dataset_labels, plain_view
+from conftest import RAMP_SIZE, assert_epoch_reads_every_sample, assert_same_batches, dataset_labels, plain_view
 from scipy import stats
 
 from pipelines import MultiCropSpec, ViewSpec, build_loader
@@ -223,3 +223,11 @@ def test_cpu_outputs_of_a_gpu_pipeline_never_go_through_feed_ndarray(tiny_datase
     out = loader._to_torch(TensorListCPU(labels))
     monkeypatch.undo()
     assert moved == [torch.device("cuda", 0)] and torch.equal(out, torch.from_numpy(labels))
+
+
+@pytest.mark.parametrize("world_size, batch", [(2, 5), (4, 3)])
+def test_an_epoch_reads_every_sample_when_shards_do_not_divide_by_the_world_size(tiny_gray_dataset, world_size, batch):
+    """3 shards of 40, 30 and 26 samples: on 2 ranks the old whole-shard assignment read 30 + 30 of 96 an epoch."""
+    spec = MultiCropSpec.preset("byol", global_size=16)
+    assert_epoch_reads_every_sample(lambda r: _dali(tiny_gray_dataset, spec, batch, rank=r, world_size=world_size,
+                                                    seed=5), 96, world_size, batch, dataset_labels(tiny_gray_dataset))

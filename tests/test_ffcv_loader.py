@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import RAMP_SIZE, assert_same_batches, dataset_labels, plain_view
+from conftest import RAMP_SIZE, assert_epoch_reads_every_sample, assert_same_batches, dataset_labels, plain_view
 from PIL import Image
 
 pytest.importorskip("ffcv")
@@ -361,3 +361,11 @@ def test_training_runs_on_the_ffcv_backend(ffcv_gray, tmp_path):
     results = Trainer(load_config("byol_resnet18_fmnist", [f"{k}={v}" for k, v in overrides.items()])).fit()
     assert results["steps"] == 3 and math.isfinite(results["final_loss"])
     assert load_checkpoint(out / "checkpoints" / "last.pt")["loader"] == {"epoch": 0, "batch": 3}
+
+
+@pytest.mark.parametrize("world_size, batch", [(2, 5), (4, 3)])
+def test_an_epoch_reads_every_sample_when_shards_do_not_divide_by_the_world_size(ffcv_gray, world_size, batch):
+    """3 shards of 40, 30 and 26 samples: on 2 ranks the old whole-shard assignment read 30 + 30 of 96 an epoch."""
+    spec = MultiCropSpec.preset("byol", global_size=16)
+    assert_epoch_reads_every_sample(lambda r: _ffcv(ffcv_gray, spec, batch, rank=r, world_size=world_size, seed=5),
+                                    96, world_size, batch, dataset_labels(ffcv_gray))

@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from fastssl.models import build_backbone
-from fastssl.optim import extensions, lars
+from fastssl.optim import lars
 from fastssl.optim.ema import ema_update_, ema_update_loop_
 from fastssl.optim.lars import LARS
 from fastssl.optim.schedules import cosine_tau, scaled_lr, warmup_cosine
+from pipelines import native
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 needs_cxx = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
@@ -135,7 +136,7 @@ def test_lars_auto_falls_back_to_foreach_with_one_warning_when_the_kernel_build_
     def broken():
         raise RuntimeError("compiler exploded")
 
-    monkeypatch.setattr(extensions, "load_lars_cpu", broken)
+    monkeypatch.setattr(native, "load_lars_cpu", broken)
     monkeypatch.setattr(lars, "_warned", set())
     used = []
     monkeypatch.setattr(lars, "_step_foreach", lambda *a, **k: used.append("foreach"))

@@ -13,8 +13,7 @@ import warnings
 import pytest
 import torch
 
-from fastssl.optim import extensions
-from pipelines import photometric
+from pipelines import native, photometric
 from pipelines.photometric import apply_photometric, blur_kernel_size, photometric_path, sample_photometric_params
 from pipelines.spec import MultiCropSpec, ViewSpec
 
@@ -199,7 +198,7 @@ def test_auto_falls_back_to_torch_with_one_warning_when_the_build_fails(monkeypa
     def broken():
         raise RuntimeError("no compiler")
 
-    monkeypatch.setattr(extensions, "load_photometric_cpu", broken)
+    monkeypatch.setattr(native, "load_photometric_cpu", broken)
     monkeypatch.setattr(photometric, "_cpp_warned", False)
     monkeypatch.setenv("FASTSSL_PHOTOMETRIC", "auto")
     x = _images(2, 8)

@@ -34,7 +34,7 @@ from fastssl.methods.byol import BYOL
 ROOT = Path(__file__).resolve().parents[1]
 THIS = Path(__file__).resolve()
 STEPS_PER_EPOCH = 96 // 16  # tiny_gray_dataset, global batch 16, one rank
-STEPS_PER_EPOCH_2_RANKS = 3  # shards of 40, 30, 26 -> rank 1 reads 30 images -> 3 batches of 8 per rank
+STEPS_PER_EPOCH_2_RANKS = 6  # 96 images -> 48 per rank (contiguous ranges across the shards) -> 6 batches of 8
 
 
 # ------------------------------------------------------------------------------------------ test methods
@@ -490,10 +490,10 @@ def test_moco_queue_survives_resume_on_one_rank(tiny_gray_dataset, tmp_path):
     assert saved["step"] == 2 and saved["world_size"] == 2
     assert int(saved["model"]["queue_ptr"]) == 2 * 16  # the whole global batch, all ranks' keys
     results = _fit(tiny_gray_dataset, out, "mocov2", **{"train.epochs": 2})
-    # Step 2 of 3 per epoch on 2 ranks is step 4 of 6 on one: 8 more steps of 16 keys.
+    # Step 2 of 6 per epoch on 2 ranks is step 2 of 6 on one: 10 more steps of 16 keys.
     assert results["steps"] == 2 * STEPS_PER_EPOCH
     final = load_checkpoint(out / "checkpoints" / "last.pt")["model"]
-    assert int(final["queue_ptr"]) == 32 + 8 * 16
+    assert int(final["queue_ptr"]) == 32 + (2 * STEPS_PER_EPOCH - 2 * STEPS_PER_EPOCH // STEPS_PER_EPOCH_2_RANKS) * 16
     assert torch.equal(final["queue"][:32], saved["model"]["queue"][:32])  # the 2-rank keys, untouched
     assert not torch.equal(final["queue"][32:160], saved["model"]["queue"][32:160])
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_same_batches, plain_view
+from conftest import assert_epoch_reads_every_sample, assert_same_batches, plain_view
 from PIL import Image
 from scipy import stats
 from torchvision.transforms import RandomResizedCrop
@@ -184,16 +184,15 @@ def _rank_loaders(path, world_size, **kw):
 
 
 @pytest.mark.parametrize(
-    "fixture, world_size, split, mode, per_rank",
-    [("tiny_dataset", 2, "train", "shards", 32),  # 4 equal shards: 2 each, nothing dropped
-     ("tiny_dataset", 2, "val", "strided", 16),  # evaluation strides samples
-     ("tiny_gray_dataset", 2, "train", "shards", 30),  # shards 40+26 vs 30: both take 30
-     ("tiny_gray_dataset", 4, "train", "strided", 24)],  # fewer shards than ranks
+    "fixture, world_size, split, per_rank",
+    [("tiny_dataset", 2, "train", 32),  # 4 equal shards: 2 each
+     ("tiny_dataset", 2, "val", 16),
+     ("tiny_gray_dataset", 2, "train", 48),  # shards of 40, 30, 26: each rank 48 (was 30: 36 dropped)
+     ("tiny_gray_dataset", 4, "train", 24)],  # fewer shards than ranks
 )
-def test_ranks_read_disjoint_samples_and_yield_equal_batches(request, fixture, world_size, split, mode, per_rank):
+def test_ranks_read_disjoint_samples_and_yield_equal_batches(request, fixture, world_size, split, per_rank):
     path = request.getfixturevalue(fixture)
     loaders = _rank_loaders(path, world_size, split=split)
-    assert {ld.shard_mode for ld in loaders} == {mode}
     assert {ld.samples_per_epoch for ld in loaders} == {per_rank}
     assert len({len(ld) for ld in loaders}) == 1
     labels = [label for _, label in _split_samples(path, split)]
@@ -201,14 +200,28 @@ def test_ranks_read_disjoint_samples_and_yield_equal_batches(request, fixture, w
         ids = [ld.epoch_sample_ids(epoch) for ld in loaders]
         flat = np.concatenate(ids)
         assert len(flat) == len(set(flat.tolist())) == per_rank * world_size  # disjoint
-        if per_rank * world_size == len(labels):
-            assert sorted(flat.tolist()) == list(range(len(labels)))  # and covering
+        assert sorted(flat.tolist()) == list(range(len(labels)))  # and covering
         for ld, rank_ids in zip(loaders, ids, strict=True):
             ld.set_epoch(epoch)
             got = torch.cat([b.labels for b in ld]).numpy()
             n = len(got)
             assert n == len(ld) * 4 or not ld.drop_last
             assert got.tolist() == [labels[i] for i in rank_ids[:n]]  # the batches carry those samples
+
+
+@pytest.mark.parametrize("world_size, batch", [(2, 5), (4, 3)])
+@pytest.mark.parametrize("mode", ["ram", "none", "device"])
+def test_an_epoch_reads_every_sample_when_shards_do_not_divide_by_the_world_size(tiny_gray_dataset, mode, world_size,
+                                                                                 batch):
+    """3 shards of 40, 30 and 26 samples: on 2 ranks the old whole-shard assignment read 30 + 30 of 96 an epoch."""
+    spec = MultiCropSpec.preset("byol", global_size=16)
+    labels = [label for _, label in _split_samples(tiny_gray_dataset, "train")]
+
+    def make(rank):
+        return build_loader(tiny_gray_dataset, spec, batch, rank=rank, world_size=world_size, num_workers=0, seed=5,
+                            **MODES[mode], progress=False)
+
+    assert_epoch_reads_every_sample(make, 96, world_size, batch, labels)
 
 
 def test_rank_outputs_are_disjoint_and_cover_the_split(tiny_dataset):

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
+
+from pipelines import progress
 
 DATA_WAIT_THRESHOLD_PCT = 10.0  # of the step time
 DATA_WAIT_WINDOWS = 10  # log windows looked at together, and at least this many between two warnings
@@ -109,7 +110,7 @@ def open_wandb(cfg: DictConfig, out_dir: Path) -> WandbSink | None:
     try:
         import wandb
     except ImportError:
-        tqdm.write("eval.wandb=true but wandb is not installed (pip install wandb): logging to TensorBoard "
-                   "and metrics.jsonl only")
+        progress.write("eval.wandb=true but wandb is not installed (pip install wandb): logging to TensorBoard "
+                       "and metrics.jsonl only")
         return None
     return WandbSink(wandb, cfg, out_dir)

@@ -15,7 +15,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 import pipelines
 from fastssl.config import ConfigError, build_spec, refused_changes_message, resume_changes, validate
@@ -28,7 +27,8 @@ from fastssl.methods import build_method
 from fastssl.models import build_backbone
 from fastssl.optim.lars import LARS
 from fastssl.optim.schedules import scaled_lr, warmup_cosine
-from pipelines.formats import atomic_write_bytes, load_manifest, shard_counts, shard_paths
+from pipelines import progress
+from pipelines.formats import DatasetFormatError, atomic_write_bytes, load_manifest, shard_counts, shard_paths
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -52,7 +52,10 @@ class Trainer:
         self.ckpt_path = self.checkpoints.last  # a second name of the newest step-XXXXXX.pt
         self.stop_signals = distributed.StopSignals(announce=self.dist.is_main)
         self.bad_steps = {"in_row": 0, "total": 0}  # non-finite losses: those steps' updates were skipped
-        self._skipped = False  # the last step's update was skipped
+        self._skipped = ""  # why the last step's update was skipped: "nonfinite_loss", "nonfinite_grad" or ""
+        self._bad_samples_seen = 0  # entries of loader.bad_samples already reported
+        self._new_bad_samples = False  # some rank's batch held a bad sample not reported yet (all-reduced)
+        self.bad_sample_total = 0  # distinct bad samples met by all ranks (each replaced in its batch)
         self._stop_signum = 0  # > 0: every rank agreed to stop after this step (the signal's number)
         self._saved_step = -1
         self._eval_loader_cache: dict | None = None
@@ -78,7 +81,7 @@ class Trainer:
             cfg.data.path, self.spec, cfg.train.batch_size // d.world_size, split="train", rank=d.rank,
             world_size=d.world_size, device=self.device, seed=cfg.train.seed, backend=cfg.data.backend,
             num_workers=cfg.data.num_workers, cache=cfg.data.cache, decode=cfg.data.decode,
-            progress=d.is_main and cfg.train.progress,
+            progress=d.is_main and cfg.train.progress, skip_bad_samples=True,
         )
         if d.is_main:  # after the data checks: a run refused for its data leaves no run folder behind
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -193,7 +196,7 @@ class Trainer:
             raise ConfigError(refused_changes_message(path, changes))
         if self.dist.is_main:
             for change in changes:
-                tqdm.write(f"resume: config changed since the checkpoint: {change}")
+                progress.write(f"resume: config changed since the checkpoint: {change}")
 
     def _resume(self, found: tuple[str, dict] | None) -> bool:
         """Load the checkpoint ``_find_checkpoint`` found into the built run. A checkpoint from another world size
@@ -216,9 +219,9 @@ class Trainer:
             self.batch_in_epoch = self.batch_in_epoch * self.steps_per_epoch // saved_steps_per_epoch
             loader["batch"] = self.batch_in_epoch
             if self.dist.is_main:
-                tqdm.write(f"{path}: {saved_steps_per_epoch} steps per epoch there, {self.steps_per_epoch} here "
-                           f"(world size {state.get('world_size')} -> {self.dist.world_size}): step {self.step} "
-                           f"becomes {self.epoch * self.steps_per_epoch + self.batch_in_epoch}")
+                progress.write(f"{path}: {saved_steps_per_epoch} steps per epoch there, {self.steps_per_epoch} here "
+                               f"(world size {state.get('world_size')} -> {self.dist.world_size}): step {self.step} "
+                               f"becomes {self.epoch * self.steps_per_epoch + self.batch_in_epoch}")
             self.step = self.epoch * self.steps_per_epoch + self.batch_in_epoch
         self.loader.load_state_dict(loader)
         rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]] * int(state.get("world_size", 1))
@@ -226,7 +229,7 @@ class Trainer:
             set_rng_state(rngs[self.dist.rank])
         self.bad_steps = {k: int(v) for k, v in state.get("bad_steps", self.bad_steps).items()}
         if self.dist.is_main:
-            tqdm.write(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
+            progress.write(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
         return True
 
     # ------------------------------------------------------------------------------------------- fit
@@ -242,15 +245,24 @@ class Trainer:
             loss, logs = self.model(views)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        # One all-reduce a step, so that every rank decides alike: skip this update (some rank's loss is not
-        # finite), and stop after this step (some rank got SIGTERM/SIGINT; the largest signal number wins).
-        # Built on the device from a Python scalar (a kernel argument): torch.tensor(..., device=cuda) would
-        # copy from pageable host memory and wait for the whole backward first.
-        flags = (~torch.isfinite(loss.detach())).any().float().repeat(2)
-        flags[1].fill_(float(self.stop_signals.signum or 0))
-        nonfinite, signum = distributed.max_across_ranks(flags)
+        # One all-reduce a step, so that every rank decides alike: skip this update (some rank's loss, or the
+        # gradients, are not finite), stop after this step (some rank got SIGTERM/SIGINT; the largest signal number
+        # wins), and whether some rank met a new bad sample in this batch (then, rarely, they exchange which).
+        # Built on the device from Python scalars (kernel arguments): torch.tensor(..., device=cuda) would copy
+        # from pageable host memory and wait for the whole backward first.
+        flags = (~torch.isfinite(loss.detach())).any().float().repeat(4)
+        flags[1].zero_()
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads and not self.scaler.is_enabled():  # fp16: the GradScaler checks the gradients (and skips) itself
+            # max |g| per tensor is inf or NaN iff some element is: one fused pass over all gradients, and no
+            # sum of squares that finite but large gradients could overflow
+            flags[1].copy_((~torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))))).any())
+        flags[2].fill_(float(self.stop_signals.signum or 0))
+        flags[3].fill_(float(len(self.loader.bad_samples) > self._bad_samples_seen))
+        nonfinite_loss, nonfinite_grad, signum, new_bad = distributed.max_across_ranks(flags)
         self._stop_signum = int(signum)
-        self._skipped = nonfinite > 0
+        self._skipped = "nonfinite_loss" if nonfinite_loss > 0 else "nonfinite_grad" if nonfinite_grad > 0 else ""
+        self._new_bad_samples = new_bad > 0
         if self._skipped:
             # No update at all: optimizer, GradScaler, EMA/momentum untouched, and the normalization layers'
             # running statistics, which this forward changed, put back.
@@ -289,8 +301,8 @@ class Trainer:
         tb = _tensorboard(self.out_dir / "tb") if main else None
         wb = open_wandb(cfg, self.out_dir) if main else None
         data_wait = DataWaitMonitor(self.loader, self.device.type)
-        bar = tqdm(total=self.stop_step, initial=self.step, disable=not (main and cfg.train.progress),
-                   unit="step", dynamic_ncols=True, desc=f"{cfg.method.name}")
+        bar = progress.progress_bar(total=self.stop_step, initial=self.step, disable=not (main and cfg.train.progress),
+                                    unit="step", dynamic_ncols=True, desc=f"{cfg.method.name}")
         global_batch = cfg.train.batch_size
         window = {"n": 0, "time": 0.0, "wait": 0.0}
         loss = None
@@ -312,6 +324,7 @@ class Trainer:
                     self.step += 1
                     self.batch_in_epoch += 1
                     self._count_bad_step(metrics)
+                    self._count_bad_samples(metrics)
                     if self.device.type == "cuda" and self.step % cfg.train.log_every == 0:
                         torch.cuda.synchronize()
                     t_end = time.perf_counter()
@@ -371,6 +384,7 @@ class Trainer:
         results.update({"steps": self.step, "epochs": self.epoch,
                         "weight_digests": distributed.weight_digests(self.method)})
         results["bad_steps"] = self.bad_steps["total"]
+        results["bad_samples"] = self.bad_sample_total
         if loss is not None:
             results["final_loss"] = float(loss.detach())
         if cfg.eval.knn:
@@ -395,30 +409,60 @@ class Trainer:
             tb.add_scalar("eval/knn_top1", top1, self.step)
             if wb is not None:
                 wb.log(row, self.step, prefix="eval")
-            tqdm.write(f"epoch {self.epoch} step {self.step}: kNN top-1 {top1:.2f}%")
+            progress.write(f"epoch {self.epoch} step {self.step}: kNN top-1 {top1:.2f}%")
 
     def _count_bad_step(self, metrics) -> None:
-        """After each step: a skipped one (non-finite loss) is counted, logged as a metrics row
-        ``{"step", "epoch", "event": "nonfinite_loss", ...}``, and ends the run after train.max_bad_steps in a row."""
+        """After each step: a skipped one (non-finite loss or gradients) is counted, logged as a metrics row
+        ``{"step", "epoch", "event": "nonfinite_loss" | "nonfinite_grad", ...}``, and ends the run after
+        train.max_bad_steps in a row."""
         if not self._skipped:
             self.bad_steps["in_row"] = 0
             return
         self.bad_steps["in_row"] += 1
         self.bad_steps["total"] += 1
         in_row, limit = self.bad_steps["in_row"], self.cfg.train.max_bad_steps
+        what = "the loss" if self._skipped == "nonfinite_loss" else "a gradient"
         if self.dist.is_main:
-            row = {"step": self.step, "epoch": self.epoch, "event": "nonfinite_loss", "bad_steps_in_row": in_row,
+            row = {"step": self.step, "epoch": self.epoch, "event": self._skipped, "bad_steps_in_row": in_row,
                    "bad_steps_total": self.bad_steps["total"]}
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
-            tqdm.write(f"warning: step {self.step}: the loss is not finite (on at least one rank); update skipped "
-                       f"({in_row} in a row, {self.bad_steps['total']} in all; train.max_bad_steps={limit})")
+            progress.write(f"warning: step {self.step}: {what} is not finite (on at least one rank); update "
+                           f"skipped ({in_row} in a row, {self.bad_steps['total']} in all; "
+                           f"train.max_bad_steps={limit})")
         if in_row >= limit:
             raise TrainingDiverged(
-                f"stopped at step {self.step}: the loss was not finite for {in_row} steps in a row "
+                f"stopped at step {self.step}: the loss or the gradients were not finite for {in_row} steps in a row "
                 f"(train.max_bad_steps={limit}); those updates were skipped, so the weights are still those of step "
                 f"{self.step - in_row}, and no checkpoint was written. The newest one is {self.checkpoints.last}. "
                 f"Look for NaN/inf in the data, lower optim.base_lr, or try train.precision=fp32.")
+
+    def _count_bad_samples(self, metrics) -> None:
+        """After a step whose batch, on some rank, held a bad sample not met before (a flag of the step's
+        all-reduce, so every rank comes here together): the ranks exchange their new ones, rank 0 warns once
+        per sample (naming its shard) and logs a metrics row ``{"step", "epoch", "event": "bad_samples",
+        "new", "bad_samples_total", "samples"}``, and past data.max_bad_samples the run stops on every rank."""
+        if not self._new_bad_samples:
+            return
+        found = list(self.loader.bad_samples.values())
+        mine, self._bad_samples_seen = found[self._bad_samples_seen:], len(found)
+        new = [msg for rank_new in distributed.all_gather_objects(mine) for msg in rank_new]
+        self.bad_sample_total += len(new)
+        limit = self.cfg.data.max_bad_samples
+        if self.dist.is_main:
+            row = {"step": self.step, "epoch": self.epoch, "event": "bad_samples", "new": len(new),
+                   "bad_samples_total": self.bad_sample_total, "samples": new}
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            for msg in new:
+                progress.write(f"warning: step {self.step}: skipped a bad sample, replaced in its batch by the next "
+                               f"one: {msg} ({self.bad_sample_total} so far; data.max_bad_samples={limit})")
+        if self.bad_sample_total > limit:
+            raise TooManyBadSamples(
+                f"stopped at step {self.step}: {self.bad_sample_total} samples of {self.cfg.data.path} do not decode, "
+                f"more than data.max_bad_samples={limit} (each was skipped; the last: {new[-1]}). The data is "
+                f"damaged: reconvert it with fastssl-convert (and check the disk), or raise data.max_bad_samples. "
+                f"The newest checkpoint is {self.checkpoints.last}.")
 
     def _log_row(self, logs: dict, window: dict, global_batch: int) -> dict:
         row = {"step": self.step, "epoch": self.epoch, "lr": self.lr_at(self.step - 1)}
@@ -438,7 +482,7 @@ class Trainer:
                 split: pipelines.build_loader(
                     cfg.data.path, spec, cfg.eval.batch_size, split=split, device=self.device, backend="torch",
                     num_workers=cfg.data.num_workers, cache=cfg.data.cache, decode=cfg.data.decode, shuffle=False,
-                    drop_last=False, progress=self.dist.is_main and cfg.train.progress,
+                    drop_last=False, progress=self.dist.is_main and cfg.train.progress, skip_bad_samples=True,
                 )
                 for split in ("train", "val")
             }
@@ -458,8 +502,11 @@ class Trainer:
             manifest = load_manifest(cfg.data.path)
             feats = {}
             for split, loader in self._eval_loaders().items():
+                seen = len(loader.bad_samples)
                 feats[split] = extract_features(backbone, _limit(loader, cfg.eval.knn_max_train)
                                                 if split == "train" else loader, cfg.train.precision)
+                for msg in list(loader.bad_samples.values())[seen:]:  # once each: the loaders live for the run
+                    progress.write(f"warning: kNN evaluation: skipped a bad sample, replaced by the next one: {msg}")
             top1 = knn_top1(*feats["train"], *feats["val"], k=cfg.eval.knn_k, temperature=cfg.eval.knn_t,
                             num_classes=len(manifest["classes"]))
         distributed.wait_for_main()
@@ -548,7 +595,11 @@ class TrainingInterrupted(Exception):
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss was not finite for train.max_bad_steps steps in a row."""
+    """The loss or the gradients were not finite for train.max_bad_steps steps in a row."""
+
+
+class TooManyBadSamples(DatasetFormatError):
+    """More than data.max_bad_samples samples did not decode (each was skipped): the data is damaged."""
 
 
 def _norm_buffers(module: nn.Module) -> list[torch.Tensor]:
@@ -594,4 +645,7 @@ def run(cfg: DictConfig) -> dict:
         distributed.shutdown()
 
 
-__all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "run", "build_spec", "build_model", "check_dataset"]
+__all__ = [
+    "Trainer", "TooManyBadSamples", "TrainingDiverged", "TrainingInterrupted", "run", "build_spec", "build_model",
+    "check_dataset",
+]

@@ -11,11 +11,11 @@ import os
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from fastssl.engine.knn import extract_features
 from pipelines import MultiCropSpec, build_loader
 from pipelines.formats import load_manifest
+from pipelines.progress import progress_bar
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -52,8 +52,8 @@ def dataset_features(backbone: nn.Module, meta: dict, data: str | os.PathLike, *
                               progress=progress)
         total = manifest["splits"][split]["count"]
         limit = max_train if split == "train" and 0 < max_train < total else 0
-        with tqdm(total=limit or total, unit="img", desc=f"features {split}", disable=not progress,
-                  dynamic_ncols=True) as bar:
+        with progress_bar(total=limit or total, unit="img", desc=f"features {split}", disable=not progress,
+                          dynamic_ncols=True) as bar:
             feats, labels = extract_features(backbone, _first(loader, limit), precision, normalize=normalize,
                                              progress=bar.update)
         if limit:

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
+
+from pipelines.progress import progress_bar
 
 PROG = "fastssl-linear"
 
@@ -46,7 +47,7 @@ def train_linear(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tens
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     gen = torch.Generator().manual_seed(seed)
     loss_sum = correct = torch.zeros((), device=x.device)
-    bar = tqdm(range(epochs), desc="linear", unit="epoch", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(range(epochs), desc="linear", unit="epoch", disable=not progress, dynamic_ncols=True)
     for _ in bar:
         order = torch.randperm(n, generator=gen).to(x.device)
         loss_sum = torch.zeros((), device=x.device)

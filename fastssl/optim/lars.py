@@ -15,7 +15,7 @@ The trust ratio is computed with ``torch.where`` on tensors (or on the device, i
 * ``"foreach"``: ``_step_foreach``, multi-tensor ops over a whole group (~15 tensor-sized memory streams).
 * ``"fused_cpu"``: ``csrc/lars_cpu.cpp``, per cache-sized block of tensors one pass for the norms and one
   fused read-modify-write pass (5 streams from memory); JIT-built on first use and cached
-  (:mod:`fastssl.optim.extensions`).
+  (:mod:`pipelines.native`, the builder shared with the photometric stage).
 * ``"cuda"``: ``csrc/lars_cuda.cu``, every parameter of every group in one kernel launch (a cooperative
   grid: norms, grid barrier, update; two launches where cooperative launch is unsupported).
 * ``"auto"`` (default): ``cuda`` on CUDA, ``fused_cpu`` on CPU, ``foreach`` where those do not apply (a
@@ -33,7 +33,7 @@ from collections.abc import Iterable
 import torch
 from torch.optim import Optimizer
 
-from fastssl.optim import extensions
+from pipelines import native
 
 IMPLS = ("auto", "loop", "foreach", "fused_cpu", "cuda")
 
@@ -162,9 +162,9 @@ def _same_dense_layout(*tensors: torch.Tensor) -> bool:
 def _kernel_available(impl: str) -> bool:
     try:
         if impl == "cuda":
-            extensions.load_lars_cuda()
+            native.load_lars_cuda()
         else:
-            extensions.load_lars_cpu()
+            native.load_lars_cpu()
         return True
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the foreach path
         if impl not in _warned:
@@ -227,8 +227,8 @@ def _step_foreach(params, grads, bufs, *, lr, momentum, weight_decay, eta, neste
 
 
 def _step_fused_cpu(params, grads, bufs, *, lr, momentum, weight_decay, eta, nesterov, exclude) -> None:
-    extensions.load_lars_cpu().lars_step(params, grads, bufs, float(lr), float(momentum), float(weight_decay),
-                                         float(eta), bool(nesterov), bool(exclude))
+    native.load_lars_cpu().lars_step(params, grads, bufs, float(lr), float(momentum), float(weight_decay),
+                                     float(eta), bool(nesterov), bool(exclude))
 
 
 def _step_cuda(batch: list[tuple[dict, list, list, list]]) -> None:
@@ -240,7 +240,7 @@ def _step_cuda(batch: list[tuple[dict, list, list, list]]) -> None:
         bufs += b
         index += [k] * len(p)
     groups = [group for group, *_ in batch]
-    extensions.load_lars_cuda().lars_step(
+    native.load_lars_cuda().lars_step(
         params, grads, bufs, index,
         [float(g["lr"]) for g in groups], [float(g["momentum"]) for g in groups],
         [float(g["weight_decay"]) for g in groups], [float(g["eta"]) for g in groups],

@@ -1,48 +1,121 @@
-"""JIT builds of the C++/CUDA kernels in ``csrc/``: LARS steps, the CPU photometric stage (torch.utils.cpp_extension,
-cached).
+"""The one builder of native code: JIT builds of the C++/CUDA kernels in ``csrc/`` (torch.utils.cpp_extension,
+cached) for both packages: the CPU photometric stage (pipelines.photometric) and the LARS steps
+(fastssl.optim.lars). It lives in pipelines, the lower of the two packages, because pipelines never imports
+fastssl; it imports nothing of either.
 
-The first call compiles (on 2 loaded cores: ~11-14 s for the CPU kernel with g++, ~19-24 s for the CUDA
+Where the sources are (``source_dir()``): in a checkout (or an editable install), ``csrc/`` at the top of the
+repository, the source of truth; in a wheel or a ``pip install .``, ``pipelines/csrc/``, where setup.py's
+build hook copies them at build time. Nothing is compiled at install time, so ``pip install`` works without
+nvcc; a kernel is built on first use, the CUDA one only where a CUDA toolkit is found.
+
+The first call compiles (on 2 loaded cores: ~11-14 s for the CPU LARS kernel with g++, ~19-24 s for the CUDA
 one with nvcc and g++, one architecture; narrow includes, not torch/extension.h, halve both) into
 ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/fastssl/torch_extensions``; later calls, in any process, load the
-cached library in well under a second (the cache is keyed on the sources and flags; the CUDA
-architecture is part of the module name).
+cached library in well under a second. Each kernel gets its own folder ``<name>-<key>``, the key hashing
+the folder of the sources, their contents, the flags, and the torch and Python versions: a checkout and an
+install (or two installs with different torch) never share, and so never rebuild each other's copy nor
+load a library built from other sources. The CUDA architecture is part of ``<name>``.
 A failed build is remembered for the process, so callers can fall back without retrying each step.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import platform
 import shutil
+import sys
 import threading
 from pathlib import Path
 from types import ModuleType
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+# Every file a kernel compiles from, sources and the headers they include (one folder: includes are "x.h").
+SOURCE_SUFFIXES = (".cpp", ".cu", ".h", ".cuh")
+
+_PACKAGED = Path(__file__).resolve().parent / "csrc"  # a wheel / pip install . (copied by setup.py)
+_REPO = Path(__file__).resolve().parents[1]  # a checkout: pyproject.toml and csrc/ beside pipelines/
 
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType | BaseException] = {}
 
 
+def source_dir() -> Path:
+    """The folder holding the kernel sources: the checkout's ``csrc/`` when this module runs from a checkout,
+    else the copy installed with the package. Raises FileNotFoundError naming both places when neither
+    holds them (an install built without setup.py's hook)."""
+    checkout = _REPO / "csrc"
+    # pyproject.toml marks a checkout: an install's parent folder is site-packages, whose csrc/ (if any)
+    # would belong to some other distribution.
+    if (_REPO / "pyproject.toml").is_file() and (checkout / "lars_cpu.cpp").is_file():
+        return checkout
+    if (_PACKAGED / "lars_cpu.cpp").is_file():
+        return _PACKAGED
+    raise FileNotFoundError(
+        f"the native kernel sources are missing: neither {checkout} (a checkout) nor {_PACKAGED} (an installed "
+        "package) holds lars_cpu.cpp; reinstall fastssl from a wheel built with its setup.py (pip wheel .), "
+        "which ships csrc/ as pipelines/csrc/")
+
+
 def build_dir() -> Path:
-    """Where compiled extensions are cached."""
+    """Where compiled extensions are cached: ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/fastssl/torch_extensions``."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "fastssl" / "torch_extensions"
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
+def cache_key(name: str, flags: dict) -> str:
+    """16 hex digits naming one build: the source folder and every file in it, ``flags`` (the keyword arguments
+    of cpp_extension.load), torch (version, CUDA version), Python and the machine. The folder is part of it
+    because cpp_extension's ninja file records source paths: two source folders sharing a build folder
+    would rebuild it in turn (and one process could load a library while the other replaces it)."""
+    import torch
+
+    src = source_dir()
+    digest = hashlib.sha256()
+    for part in (name, str(src), repr(sorted(flags.items())), torch.__version__, str(torch.version.cuda),
+                 sys.implementation.cache_tag, platform.machine()):
+        digest.update(part.encode() + b"\0")
+    for path in sorted(p for p in src.iterdir() if p.suffix in SOURCE_SUFFIXES):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+class _DropCudaRuntimeWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+def cpp_extension() -> ModuleType:
+    """``torch.utils.cpp_extension``, imported without its "No CUDA runtime is found, using CUDA_HOME" warning.
+
+    On import it guesses a CUDA toolkit and warns when the machine has one but no GPU: on a CPU run that is
+    expected, says nothing useful, and was printed once per rank. Where a CUDA build needs the toolkit,
+    ``cuda_home()`` checks it and ``load_lars_cuda`` says when it is missing."""
+    module = sys.modules.get("torch.utils.cpp_extension")
+    if module is not None:
+        return module
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    quiet = _DropCudaRuntimeWarning()
+    logger.addFilter(quiet)
+    try:
+        from torch.utils import cpp_extension as module
+    finally:
+        logger.removeFilter(quiet)
+    return module
+
+
 def cuda_home() -> str | None:
     """The CUDA toolkit root, or None. torch guesses it from ``which nvcc``; where that nvcc is a wrapper
     script (``/usr/local/bin/nvcc`` here), the guess has no ``lib64/libcudart.so`` and linking fails, so
     the guess is checked and ``/usr/local/cuda`` tried next; cpp_extension is pointed at the result."""
-    from torch.utils import cpp_extension
-
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME,
-                  "/usr/local/cuda"]
+    ext = cpp_extension()
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), ext.CUDA_HOME, "/usr/local/cuda"]
     for root in candidates:
         if root and (Path(root) / "bin" / "nvcc").exists() and any(
                 (Path(root) / lib / "libcudart.so").exists() for lib in ("lib64", "lib")):
-            cpp_extension.CUDA_HOME = root
+            ext.CUDA_HOME = root
             return root
     return None
 
@@ -60,11 +133,12 @@ def _load(name: str, sources: list[str], **kwargs) -> ModuleType:
             return cached
         if cached is not None:
             raise RuntimeError(f"building {name} failed earlier in this process") from cached
-        from torch.utils import cpp_extension
-
         try:
-            module = cpp_extension.load(
-                name=name, sources=[str(CSRC / s) for s in sources], build_directory=_named_dir(name),
+            src = source_dir()
+            directory = build_dir() / f"{name}-{cache_key(name, kwargs)}"
+            directory.mkdir(parents=True, exist_ok=True)
+            module = cpp_extension().load(
+                name=name, sources=[str(src / s) for s in sources], build_directory=str(directory),
                 verbose=False, **kwargs,
             )
         except Exception as exc:  # noqa: BLE001 - compiler errors arrive as several exception types
@@ -72,12 +146,6 @@ def _load(name: str, sources: list[str], **kwargs) -> ModuleType:
             raise
         _loaded[name] = module
         return module
-
-
-def _named_dir(name: str) -> str:
-    path = build_dir() / name
-    path.mkdir(parents=True, exist_ok=True)
-    return str(path)
 
 
 def load_lars_cpu() -> ModuleType:
