@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import pipelines
+from fastssl.models.backbones import BACKBONES
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -190,11 +191,11 @@ _RULES: dict[str, Rule] = {
     "data.local_size": _int(1),
     "data.n_local": _int(0),
     "data.max_bad_samples": _int(0),
-    "data.num_workers": _optional(_int(0), "one decode process per core, at most 8"),
+    "data.num_workers": _optional(_int(0), "this rank's share of the cores less one, at most 8"),
     "data.mean": _optional(_numbers(3, ("", _is_real), "finite (R, G, B)"), "the preset's"),
     "data.std": _optional(_numbers(3, _real(0.0, open_low=True), "> 0 (R, G, B)"), "the preset's"),
     "data.aug": ("a mapping of ViewSpec fields", lambda v: isinstance(v, dict)),  # values: checked by build_spec
-    "model.backbone": None,  # filled below: a choice among the registered backbones
+    "model.backbone": (f"one of {', '.join(BACKBONES)}", lambda v: v in BACKBONES),
     "model.width": _int(1),
     "optim.base_lr": _real(0.0, open_low=True),
     "optim.weight_decay": _real(0.0),
@@ -251,15 +252,6 @@ _METHOD_RULES: dict[str, Rule] = {
     **{k: ("true or false", lambda v: isinstance(v, bool)) for k in ("use_bn_in_head", "norm_last_layer",
                                                                      "pred_last_bn", "frozen_patch_embed")},
 }
-
-
-def _backbone_rule() -> Rule:
-    from fastssl.models.backbones import BACKBONES
-
-    return f"one of {', '.join(BACKBONES)}", lambda v: v in BACKBONES
-
-
-_RULES["model.backbone"] = _backbone_rule()
 
 
 def recipe_path(name: str) -> Path:
@@ -436,7 +428,7 @@ def _validate_method(method: DictConfig, world_size: int = 1) -> None:
 # Keys whose change at a resume leaves what is trained as it was: how the run is fed (the backends cut the same
 # crops), watched, checkpointed and stopped. Any key under a listed section counts.
 RESUME_ACCEPTED = (
-    "data.backend", "data.cache", "data.decode", "data.num_workers",
+    "data.backend", "data.cache", "data.decode", "data.num_workers", "data.max_bad_samples",
     "train.max_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.max_bad_steps",
     "train.deterministic", "train.threads", "train.progress", "train.channels_last",
     "eval", "out_dir", "resume", "resume_allow_changes",
