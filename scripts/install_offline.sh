@@ -96,7 +96,8 @@ for name in info["excluded"]:
 EOF
 torch_before=$("$py" -c 'import torch; print(torch.__version__)')
 say "installing with $("$py" -c 'import sys; print(sys.executable)'); kept as installed: $(paste -sd' ' "$constraints")"
-"$py" -m pip install --no-index --find-links "$dir" --constraint "$constraints" -r REQUIREMENTS.txt
+"$py" -m pip install --quiet --no-index --find-links "$dir" --constraint "$constraints" -r REQUIREMENTS.txt
+say "pip install done"
 torch_after=$("$py" -c 'import torch; print(torch.__version__)')
 if [[ $torch_before != "$torch_after" ]]; then
     echo "error: torch changed from $torch_before to $torch_after" >&2
@@ -106,18 +107,19 @@ fi
 # ---- 4. import every backend --------------------------------------------------------------------------------
 cd /  # import the installed packages, not a checkout that happens to be the current folder
 "$py" - <<'EOF'
-import importlib, sys
+import importlib
+import sys
+
+from importlib import metadata
+
+DIST = {"nvidia.dali": "nvidia-dali-cuda130", "ffcv._libffcv": "ffcv", "pipelines": "fastssl"}
 
 def version(mod):
-    for attr in ("__version__", "VERSION"):
-        if hasattr(mod, attr):
-            return str(getattr(mod, attr))
-    from importlib import metadata
-    dist = {"nvidia.dali": "nvidia-dali-cuda130", "pipelines": "fastssl"}.get(mod.__name__, mod.__name__)
+    # The installed distribution's version first: ffcv 1.0.2 says __version__ = "0.0.3rc1".
     try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "?"
+        return metadata.version(DIST.get(mod.__name__, mod.__name__))
+    except (metadata.PackageNotFoundError, ValueError):
+        return str(getattr(mod, "__version__", "?"))
 
 failed = []
 for name in ("torch", "nvidia.dali", "ffcv", "ffcv._libffcv", "torchcodec", "fastssl", "pipelines"):

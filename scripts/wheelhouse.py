@@ -7,7 +7,8 @@ Run it on a machine with a package index. DIR receives, for a Linux x86_64 node 
 
 - fastssl itself (``pip wheel --no-deps`` of this checkout) with its extras dali-cu13, ffcv and codec:
   DALI (nvidia-dali-cuda130) and the NVIDIA libraries it needs, FFCV, TorchCodec, OmegaConf and the rest
-  of the runtime dependencies;
+  of the runtime dependencies; and what ``scripts/gpu_check.py`` runs with (``--tools``: pytest, scipy,
+  scikit-image);
 - FFCV (and any other dependency PyPI has no wheel of for that Python) built from source with that
   Python's interpreter (pyenv's, or ``--interpreter``) and, when it holds native code, made self-contained
   with auditwheel: the shared libraries it links (libturbojpeg, OpenCV) are copied into the wheel;
@@ -60,6 +61,8 @@ MANIFEST, REQUIREMENTS = "WHEELHOUSE.json", "REQUIREMENTS.txt"
 INSTALLER = "install_offline.sh"
 EXTRAS = ("dali-cu13", "ffcv", "codec")
 DEFAULT_EXCLUDE = "torch,torchvision,triton"
+# What scripts/gpu_check.py needs beyond fastssl's runtime: the test runner and the test and bench-image deps.
+DEFAULT_TOOLS = "pytest,scipy,scikit-image"
 
 
 def log(msg: str) -> None:
@@ -441,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extra", action="append", default=[],
                     help="another requirement or pin to resolve with fastssl, e.g. 'torchcodec==0.16.*' (repeat)")
     ap.add_argument("--extras", default=",".join(EXTRAS), help="fastssl's extras to include")
+    ap.add_argument("--tools", default=DEFAULT_TOOLS,
+                    help="what gpu_check.py runs with (tests, bench images); '' for none")
     ap.add_argument("--platform", default="manylinux_2_28_x86_64",
                     help="newest manylinux tag the node accepts (older ones are accepted too)")
     ap.add_argument("--interpreter", default=None, help="Python X.Y executable that builds from source")
@@ -470,8 +475,9 @@ def main(argv: list[str] | None = None) -> int:
     built = {canonicalize_name(p.name.split("-")[0]): p for p in local.glob("*.whl") if p != fastssl}
     for wheel in built.values():  # from an earlier run
         note_built_platforms(wheel, target)
-    report = resolve([root, *pins, *args.extra], target, local, work, built)
-    keep = closure(report, [root, *args.extra], exclude, target.markers())
+    tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    report = resolve([root, *pins, *args.extra, *tools], target, local, work, built)
+    keep = closure(report, [root, *args.extra, *tools], exclude, target.markers())
     dropped = sorted(i["metadata"]["name"] for k, i in _report_nodes(report).items() if k not in keep)
     log(f"closure: {len(keep)} packages; left out (excluded or needed only by them): {len(dropped)}")
     files = download(keep, target, work)
@@ -481,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(tag_installer, out / INSTALLER)
     requirements = [f"fastssl[{args.extras}]=={keep['fastssl'].version}" if args.extras
-                    else f"fastssl=={keep['fastssl'].version}", *args.extra]
+                    else f"fastssl=={keep['fastssl'].version}", *args.extra, *tools]
     _atomic_write_text(out / REQUIREMENTS, "".join(f"{r}\n" for r in requirements))
     manifest = {
         "python": args.python, "interpreter_version": full, "platform": args.platform, "excluded": sorted(exclude),
