@@ -330,6 +330,12 @@ def note_built_platforms(wheel: Path, target: Target) -> None:
 NO_MATCH = re.compile(r"No matching distribution found for (\S+)")
 
 
+def missing_requirement(pip_stderr: str) -> str | None:
+    """The requirement pip found no wheel of ("ffcv==1.0.2"), from its error output; None for another error."""
+    m = NO_MATCH.search(pip_stderr)
+    return m.group(1).split(";")[0] if m else None  # older pips print the marker's ';' too
+
+
 def resolve(roots: list[str], target: Target, local: Path, work: Path, built: dict[str, Path]) -> dict:
     """pip's installation report for ``roots`` on the target; sdist-only dependencies are built and retried."""
     report = work / "report.json"
@@ -342,11 +348,10 @@ def resolve(roots: list[str], target: Target, local: Path, work: Path, built: di
         if proc.returncode == 0:
             log(f"  resolved for cp{target.python}: {time.monotonic() - started:.0f} s")
             return json.loads(report.read_text())
-        missing = NO_MATCH.search(proc.stderr)
-        if not missing or canonicalize_name(Requirement(missing.group(1)).name) in built:
+        req = missing_requirement(proc.stderr)
+        if req is None or canonicalize_name(Requirement(req).name) in built:
             tail = "\n".join(proc.stderr.strip().splitlines()[-25:])
             raise SystemExit(f"resolving for Python {target.python} failed: {' '.join(cmd)}\n{tail}")
-        req = missing.group(1)
         log(f"  no {target.abi} wheel of {req} on the index: building it")
         built[canonicalize_name(Requirement(req).name)] = build_from_source(req, target, local, work)
     raise SystemExit("resolving: more than 20 packages had to be built from source; giving up")

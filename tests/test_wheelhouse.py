@@ -122,6 +122,13 @@ def test_closure_leaves_out_excluded_packages_and_what_only_they_need():
     assert "extra-thing" in wh.closure(report, ["app[more]"], {"torch"}, target.markers())
 
 
+def test_the_requirement_pip_found_no_wheel_of_is_read_from_old_and_new_pips():
+    new = "ERROR: No matching distribution found for ffcv==1.0.2 (from fastssl[ffcv])\n"
+    old = "ERROR: No matching distribution found for ffcv==1.0.2; extra == \"ffcv\"\n"
+    assert wh.missing_requirement(new) == wh.missing_requirement(old) == "ffcv==1.0.2"
+    assert wh.missing_requirement("ERROR: ResolutionImpossible: ...") is None
+
+
 def test_target_platforms_include_every_older_manylinux_tag_and_built_ones():
     target = wh.Target("3.12", Path(sys.executable), "3.12.1", "manylinux_2_28_x86_64")
     tags = target.platforms()
