@@ -76,7 +76,7 @@ def plan(out: Path, python: str = sys.executable, cores: int | None = None) -> l
     script = lambda name: str(ROOT / "scripts" / name)  # noqa: E731
     return [
         Step("machine", "GPU, driver and package versions", [python, script("gpu_check.py"), "--machine-info",
-                                                               str(out / "machine.json")], 30,
+                                                               str(out / "machine.json")], 90,
              figures_from=str(out / "machine.json")),
         Step("gpu_tests", "pytest -m gpu", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu",
                                             str(ROOT / "tests")], 120),
@@ -316,23 +316,25 @@ def machine_info(path: Path) -> dict:
         info.update(gpu=gpu, driver=driver, gpu_memory=memory)
     except (OSError, IndexError, ValueError, subprocess.SubprocessError) as e:
         info["nvidia_smi"] = f"unavailable: {e}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written after each import: a slow one (ffcv compiles with numba on its first import) that hits the cap
+    # still leaves what came before.
     for name, module in (("torch", "torch"), ("torchvision", "torchvision"), ("triton", "triton"),
                          ("dali", "nvidia.dali"), ("ffcv", "ffcv"), ("torchcodec", "torchcodec"), ("numba", "numba")):
+        t0 = time.perf_counter()
         try:
             info[name] = str(getattr(importlib.import_module(module), "__version__", "?"))
         except Exception as e:  # noqa: BLE001 - a missing backend is a finding, not a crash
             info[name] = f"not importable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    try:
-        import torch
+        print(f"{name}: {info[name]} ({time.perf_counter() - t0:.1f} s)", flush=True)
+        if name == "torch" and not info[name].startswith("not importable"):
+            import torch
 
-        info["cuda"] = torch.version.cuda
-        info["cuda_available"] = torch.cuda.is_available()
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name()
-    except ImportError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic(path, json.dumps(info, indent=2) + "\n")
+            info["cuda"] = torch.version.cuda
+            info["cuda_available"] = torch.cuda.is_available()
+            if torch.cuda.is_available():
+                info["gpu"] = torch.cuda.get_device_name()
+        _atomic(path, json.dumps(info, indent=2) + "\n")
     print(json.dumps(info, indent=2))
     return info
 

@@ -114,10 +114,10 @@ from importlib import metadata
 
 DIST = {"nvidia.dali": "nvidia-dali-cuda130", "ffcv._libffcv": "ffcv", "pipelines": "fastssl"}
 
-def version(mod):
+def version(name, mod):
     # The installed distribution's version first: ffcv 1.0.2 says __version__ = "0.0.3rc1".
     try:
-        return metadata.version(DIST.get(mod.__name__, mod.__name__))
+        return metadata.version(DIST.get(name, name))
     except (metadata.PackageNotFoundError, ValueError):
         return str(getattr(mod, "__version__", "?"))
 
@@ -125,7 +125,7 @@ failed = []
 for name in ("torch", "nvidia.dali", "ffcv", "ffcv._libffcv", "torchcodec", "fastssl", "pipelines"):
     try:
         mod = importlib.import_module(name)
-        print(f"  {name:<14} {version(mod):<12} {getattr(mod, '__file__', '')}")
+        print(f"  {name:<14} {version(name, mod):<12} {getattr(mod, '__file__', '')}")
     except Exception as e:  # report them all, not only the first
         failed.append(name)
         print(f"  {name:<14} FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
