@@ -22,9 +22,10 @@ fastssl with the target's markers.
 
 Every file over ``--part-mib`` MiB is split into NAME.part000, NAME.part001, ... (the whole file is not
 kept in DIR). ``SHA256SUMS`` covers every file in DIR (``sha256sum -c SHA256SUMS`` there), and
-``SHA256SUMS.joined`` the whole files the parts join into. ``scripts/install_offline.sh DIR`` (also copied
-into DIR) checks, joins and installs. Downloads and builds are kept in ``--work`` (default: a cache
-folder per Python), so a rerun into the same DIR only redoes what changed; stale files are removed.
+``SHA256SUMS.joined`` the whole files the parts join into; ``TRANSFERS.txt`` groups the files into loads of
+at most ``--transfer-mib``. ``scripts/install_offline.sh DIR`` (also copied into DIR) checks, joins and installs.
+Downloads and builds are kept in ``--work`` (default: a cache folder per Python), so a rerun into the same DIR
+only redoes what changed; stale files are removed.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MIB = 1 << 20
 PART_SUFFIX = ".part"
 SUMS, JOINED_SUMS = "SHA256SUMS", "SHA256SUMS.joined"
-MANIFEST, REQUIREMENTS = "WHEELHOUSE.json", "REQUIREMENTS.txt"
+MANIFEST, REQUIREMENTS, TRANSFERS = "WHEELHOUSE.json", "REQUIREMENTS.txt", "TRANSFERS.txt"
 INSTALLER = "install_offline.sh"
 EXTRAS = ("dali-cu13", "ffcv", "codec")
 DEFAULT_EXCLUDE = "torch,torchvision,triton"
@@ -168,6 +169,26 @@ def write_sums(out: Path, whole_sums: dict[str, str]) -> None:
     lines = [f"{sha256(p)}  {p.name}\n" for p in sorted(out.iterdir())
              if p.is_file() and p.name != SUMS and not p.name.startswith(".")]
     _atomic_write_text(out / SUMS, "".join(lines))
+
+
+def plan_transfers(sizes: dict[str, int], cap_bytes: int, first: tuple[str, ...] = ()) -> list[list[str]]:
+    """Group files into as few transfers of at most ``cap_bytes`` as first-fit by decreasing size finds; the
+    ``first`` files (the sums, the installer) open transfer 1, so the node can tell what is missing from the start.
+    """
+    too_big = [n for n, b in sizes.items() if b > cap_bytes]
+    if too_big:
+        raise ValueError(f"{', '.join(too_big)}: larger than one transfer ({cap_bytes} bytes); lower --part-mib")
+    bins: list[list[str]] = [[n for n in first if n in sizes]]
+    room = [cap_bytes - sum(sizes[n] for n in bins[0])]
+    for name in sorted((n for n in sizes if n not in first), key=lambda n: (-sizes[n], n)):
+        i = next((i for i, r in enumerate(room) if sizes[name] <= r), None)
+        if i is None:
+            bins.append([])
+            room.append(cap_bytes)
+            i = len(bins) - 1
+        bins[i].append(name)
+        room[i] -= sizes[name]
+    return [b for b in bins if b]
 
 
 def read_sums(path: Path) -> dict[str, str]:
@@ -451,12 +472,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extras", default=",".join(EXTRAS), help="fastssl's extras to include")
     ap.add_argument("--tools", default=DEFAULT_TOOLS,
                     help="what gpu_check.py runs with (tests, bench images); '' for none")
+    ap.add_argument("--transfer-mib", type=float, default=64,
+                    help="what one transfer to the node may carry: TRANSFERS.txt groups the files into such loads")
     ap.add_argument("--platform", default="manylinux_2_28_x86_64",
                     help="newest manylinux tag the node accepts (older ones are accepted too)")
     ap.add_argument("--interpreter", default=None, help="Python X.Y executable that builds from source")
     ap.add_argument("--work", type=Path, default=None,
                     help="downloads and builds, kept for reruns (default: ~/.cache/fastssl/wheelhouse/pyX.Y)")
     args = ap.parse_args(argv)
+    if not 0 < args.part_mib <= args.transfer_mib:
+        ap.error(f"--part-mib must be positive and at most --transfer-mib ({args.transfer_mib:g}), "
+                 f"got {args.part_mib:g}")
 
     started = time.monotonic()
     interpreter = find_interpreter(args.python, args.interpreter)
@@ -488,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     files = download(keep, target, work)
 
     tag_installer = ROOT / "scripts" / INSTALLER
-    managed = (MANIFEST, REQUIREMENTS, INSTALLER)
+    managed = (MANIFEST, REQUIREMENTS, INSTALLER, TRANSFERS)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(tag_installer, out / INSTALLER)
     requirements = [f"fastssl[{args.extras}]=={keep['fastssl'].version}" if args.extras
@@ -505,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     result = publish(files, out, part_bytes, extra_managed=managed)
+    transfers = write_transfer_plan(out, int(args.transfer_mib * MIB))
 
     total = sum((out / f).stat().st_size for f in result["files"])
     biggest = max((out / f).stat().st_size for f in result["files"])
@@ -513,8 +540,26 @@ def main(argv: list[str] | None = None) -> int:
         log(f"split {name} into {len(parts)} parts")
     log(f"done in {time.monotonic() - started:.0f} s: {len(files)} wheels, {len(result['files'])} files "
         f"({n_parts} parts), {total / MIB:.1f} MiB, largest file {biggest / MIB:.1f} MiB")
+    log(f"{len(transfers)} transfers of at most {args.transfer_mib:g} MiB carry it: see {out / TRANSFERS}")
     log(f"check: (cd {out} && sha256sum -c --quiet {SUMS}); install there: bash {out / INSTALLER} {out}")
     return 0
+
+
+def write_transfer_plan(out: Path, cap_bytes: int) -> list[list[str]]:
+    """TRANSFERS.txt: the folder's files grouped into transfers of at most ``cap_bytes``; then the sums again,
+    so they cover it too. The sums, the installer and the plan itself go first (a few kB, counted generously)."""
+    first = (SUMS, JOINED_SUMS, TRANSFERS, INSTALLER, REQUIREMENTS, MANIFEST)
+    sizes = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file() and not p.name.startswith(".")}
+    sizes[TRANSFERS] = 64 * 1024  # room for the plan itself
+    sizes[SUMS] = max(sizes.get(SUMS, 0), 128 * len(sizes))
+    transfers = plan_transfers(sizes, cap_bytes, first)
+    lines = [f"# {len(transfers)} transfers of at most {cap_bytes / MIB:g} MiB; carry transfer 1 first (the sums).\n"]
+    for i, names in enumerate(transfers, 1):
+        mib = sum(sizes[n] for n in names) / MIB
+        lines.append(f"\n# transfer {i}: {len(names)} files, {mib:.1f} MiB\n" + "".join(f"{n}\n" for n in names))
+    _atomic_write_text(out / TRANSFERS, "".join(lines))
+    write_sums(out, read_sums(out / JOINED_SUMS))
+    return transfers
 
 
 def _report_nodes(report: dict) -> dict[str, dict]:

@@ -96,6 +96,24 @@ def test_publish_refuses_a_part_size_of_zero(tmp_path):
         wh.publish([], tmp_path, 0)
 
 
+def test_transfer_plan_fills_loads_up_to_the_cap_with_the_sums_first():
+    sizes = {"SHA256SUMS": 5, "install_offline.sh": 5, "a.part000": 60, "a.part001": 60, "a.part002": 10,
+             "b.whl": 30, "c.whl": 25, "d.whl": 4, "e.whl": 1}
+    transfers = wh.plan_transfers(sizes, 64, first=("SHA256SUMS", "install_offline.sh", "absent"))
+    assert transfers[0][:2] == ["SHA256SUMS", "install_offline.sh"]
+    assert sorted(n for t in transfers for n in t) == sorted(sizes)
+    assert all(sum(sizes[n] for n in t) <= 64 for t in transfers)
+    assert len(transfers) == 4  # 195 bytes need at least 4 loads of 64
+    with pytest.raises(ValueError, match="a.part000, a.part001: larger than one transfer"):
+        wh.plan_transfers(sizes, 50)
+
+
+def test_part_size_above_the_transfer_size_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        wh.main(["--python", "3.12", "--out", "/nonexistent", "--part-mib", "80", "--transfer-mib", "64"])
+    assert "--part-mib must be positive and at most --transfer-mib (64)" in capsys.readouterr().err
+
+
 # ---- resolving for another Python -------------------------------------------------------------------------
 def _report(packages: dict[str, list[str]]) -> dict:
     return {"install": [{"metadata": {"name": n, "version": "1.0", "requires_dist": deps},
