@@ -472,8 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extras", default=",".join(EXTRAS), help="fastssl's extras to include")
     ap.add_argument("--tools", default=DEFAULT_TOOLS,
                     help="what gpu_check.py runs with (tests, bench images); '' for none")
-    ap.add_argument("--transfer-mib", type=float, default=64,
-                    help="what one transfer to the node may carry: TRANSFERS.txt groups the files into such loads")
+    ap.add_argument("--transfer-mib", type=float, default=62,
+                    help="what one transfer to the node may carry (a 64 MiB cap less the checkout travelling with "
+                    "it): TRANSFERS.txt groups the files into such loads")
     ap.add_argument("--platform", default="manylinux_2_28_x86_64",
                     help="newest manylinux tag the node accepts (older ones are accepted too)")
     ap.add_argument("--interpreter", default=None, help="Python X.Y executable that builds from source")
@@ -533,12 +534,13 @@ def main(argv: list[str] | None = None) -> int:
     result = publish(files, out, part_bytes, extra_managed=managed)
     transfers = write_transfer_plan(out, int(args.transfer_mib * MIB))
 
-    total = sum((out / f).stat().st_size for f in result["files"])
-    biggest = max((out / f).stat().st_size for f in result["files"])
+    shipped = [p for p in out.iterdir() if p.is_file() and not p.name.startswith(".")]
+    total = sum(p.stat().st_size for p in shipped)
+    biggest = max(p.stat().st_size for p in shipped)
     n_parts = sum(len(p) for p in result["split"].values())
     for name, parts in result["split"].items():
         log(f"split {name} into {len(parts)} parts")
-    log(f"done in {time.monotonic() - started:.0f} s: {len(files)} wheels, {len(result['files'])} files "
+    log(f"done in {time.monotonic() - started:.0f} s: {len(files)} wheels, {len(shipped)} files "
         f"({n_parts} parts), {total / MIB:.1f} MiB, largest file {biggest / MIB:.1f} MiB")
     log(f"{len(transfers)} transfers of at most {args.transfer_mib:g} MiB carry it: see {out / TRANSFERS}")
     log(f"check: (cd {out} && sha256sum -c --quiet {SUMS}); install there: bash {out / INSTALLER} {out}")
