@@ -235,7 +235,7 @@ def _loader_stream(name: str, data: Path, spec: MultiCropSpec, batch_size: int, 
             yield from loader
             epoch += 1
 
-    details = {k: getattr(loader, k) for k in ("mode", "num_workers", "num_threads") if hasattr(loader, k)}
+    details = {k: getattr(loader, k) for k in ("mode", "decode", "num_workers", "num_threads") if hasattr(loader, k)}
     return stream(), details, loader
 
 

@@ -184,3 +184,37 @@ def test_figures_come_from_each_benchmark_json(tmp_path):
     log.write_text("....\n===== 12 passed, 3 skipped, 1 failed in 9.1s =====\n")
     step = gc.Step("gpu_tests", "", [PY, "-m", "pytest"], 1)
     assert gc.collect_figures(step, log) == {"passed": 12, "skipped": 3, "failed": 1}
+
+
+def test_bench_loader_passes_torch_decode_to_the_torch_backend(tiny_dataset, tmp_path, monkeypatch):
+    """The loader step's ``--torch-decode device`` reaches the torch loader (timing left out: only the wiring)."""
+    from PIL import Image
+
+    bench = gc_script("bench_loader")
+    built = []
+
+    def stream(*args, **kwargs):
+        made = real_stream(*args, **kwargs)
+        built.append(made[1])
+        return made
+
+    real_stream = bench._loader_stream
+    monkeypatch.setattr(bench, "_loader_stream", stream)
+    monkeypatch.setattr(bench, "convert_once", lambda images, work, want_ffcv: (tiny_dataset, []))
+    monkeypatch.setattr(bench, "measure", lambda make, *args: (1.0, make()[1]))
+    (tmp_path / "images" / "c0").mkdir(parents=True)
+    Image.new("RGB", (64, 48)).save(tmp_path / "images" / "c0" / "0.jpg")
+    common = ["--images", str(tmp_path / "images"), "--recipe", "swav", "--backends", "torch", "--device", "cpu",
+              "--batches", "1", "--warmup", "0", "--repeats", "1", "--workers", "0"]
+    device = bench.main([*common, "--torch-decode", "device"])["results"][0]
+    host = bench.main(common)["results"][0]
+    assert device["status"] == host["status"] == "ok", (device, host)
+    assert [d["decode"] for d in built] == ["device", "host"]
+    assert device["details"]["decode"] == "device" and device["details"]["mode"] == "workers"
+
+
+def gc_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
