@@ -210,3 +210,17 @@ def test_install_without_sha256sums_says_what_to_carry(house, tmp_path):
     (partial / wh.SUMS).unlink()
     r = _install(str(partial))
     assert r.returncode == 1 and "SHA256SUMS is missing" in r.stderr
+
+
+def test_install_refuses_a_wheelhouse_for_another_python_before_pip_runs(tmp_path):
+    (small,) = _files(tmp_path, {"small-1.0-py3-none-any.whl": 300})
+    out = tmp_path / "house"
+    out.mkdir()
+    (out / wh.MANIFEST).write_text('{"python": "2.7", "excluded": ["torch"]}')
+    (out / wh.REQUIREMENTS).write_text("small\n")
+    wh.publish([small], out, PART, extra_managed=(wh.MANIFEST, wh.REQUIREMENTS))
+    r = subprocess.run(["bash", str(INSTALL), str(out)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": sys.executable})
+    assert r.returncode != 0
+    assert "the wheelhouse is for Python 2.7, this environment" in r.stderr
+    assert "pip install done" not in r.stdout
