@@ -297,13 +297,30 @@ def build_fastssl(target: Target, local: Path) -> Path:
         old.unlink()
     log(f"building fastssl from {ROOT}")
     with tempfile.TemporaryDirectory() as tmp:
-        # A copy without build leftovers: setuptools reuses build/ across runs and would ship stale files.
-        run([str(target.interpreter), "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(local), str(ROOT)],
+        # From a copy of the source files only: setuptools builds in-tree and reuses build/, so a module deleted
+        # since an earlier build would still be shipped; and the checkout stays as it was.
+        src = Path(tmp) / "src"
+        copy_sources(ROOT, src)
+        run([str(target.interpreter), "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(local), str(src)],
             "pip wheel fastssl", cwd=tmp)
     wheels = list(local.glob("fastssl-*.whl"))
     if len(wheels) != 1:
         raise SystemExit(f"building fastssl left {len(wheels)} wheels in {local}; expected one")
     return wheels[0]
+
+
+def copy_sources(root: Path, dst: Path) -> None:
+    """The files git knows in ``root`` (tracked, and new ones it does not ignore), else all but build leftovers."""
+    listed = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            capture_output=True)
+    if listed.returncode == 0 and listed.stdout:
+        for rel in filter(None, listed.stdout.decode().split("\0")):
+            if (root / rel).is_file():
+                (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(root / rel, dst / rel)
+        return
+    shutil.copytree(root, dst, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", ".venv", "data", "runs",
+                                                             "__pycache__", ".pytest_cache", "dist"))
 
 
 def build_from_source(req: str, target: Target, local: Path, work: Path) -> Path:

@@ -224,3 +224,22 @@ def test_install_refuses_a_wheelhouse_for_another_python_before_pip_runs(tmp_pat
     assert r.returncode != 0
     assert "the wheelhouse is for Python 2.7, this environment" in r.stderr
     assert "pip install done" not in r.stdout
+
+
+def test_fastssl_is_built_from_its_source_files_only(tmp_path):
+    """Build leftovers (setuptools' build/ of an earlier run would ship deleted modules) and ignored data stay out."""
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "pkg" / "mod.py").write_text("x = 1\n")
+    (repo / ".gitignore").write_text("build/\ndata/\n")
+    (repo / "build" / "lib" / "pkg").mkdir(parents=True)
+    (repo / "build" / "lib" / "pkg" / "deleted.py").write_text("stale\n")
+    (repo / "data").mkdir()
+    (repo / "data" / "big.bin").write_bytes(b"0" * 10)
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "add", "pkg/mod.py", ".gitignore"], check=True)
+    (repo / "pkg" / "new.py").write_text("y = 2\n")  # not committed yet: still part of the checkout
+    dst = tmp_path / "copy"
+    wh.copy_sources(repo, dst)
+    assert sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file()) == [
+        ".gitignore", "pkg/mod.py", "pkg/new.py"]
