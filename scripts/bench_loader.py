@@ -2,7 +2,7 @@
 
     python scripts/bench_loader.py --images DIR --recipe {byol,swav} [--backends torch,dali,ffcv,pil,decode]
         [--batches 8] [--batch-size 64] [--warmup 4] [--repeats 3] [--json OUT] [--plot OUT.png]
-        [--device auto|cpu|cuda] [--workers N] [--threads T] [--work DIR] [--profile]
+        [--device auto|cpu|cuda] [--workers N] [--threads T] [--work DIR] [--profile] [--torch-decode host|device]
 
 DIR is converted once with fastssl-convert (not timed; JPEGs kept byte for byte; ``--formats wds,ffcv``
 when ffcv is requested and the converter knows that option) into ``--work`` (default: a folder under the
@@ -223,8 +223,10 @@ def _baseline_stream(name: str, images: Path, spec: MultiCropSpec, batch_size: i
 
 
 def _loader_stream(name: str, data: Path, spec: MultiCropSpec, batch_size: int, device: torch.device,
-                   workers: int | None, seed: int):
-    loader = build_loader(data, spec, batch_size, backend=name, device=device, seed=seed, num_workers=workers)
+                   workers: int | None, seed: int, torch_decode: str = "host"):
+    options = {"decode": torch_decode} if name == "torch" else {}
+    loader = build_loader(data, spec, batch_size, backend=name, device=device, seed=seed, num_workers=workers,
+                          **options)
 
     def stream():
         epoch = 0
@@ -233,7 +235,7 @@ def _loader_stream(name: str, data: Path, spec: MultiCropSpec, batch_size: int, 
             yield from loader
             epoch += 1
 
-    details = {k: getattr(loader, k) for k in ("mode", "num_workers", "num_threads") if hasattr(loader, k)}
+    details = {k: getattr(loader, k) for k in ("mode", "decode", "num_workers", "num_threads") if hasattr(loader, k)}
     return stream(), details, loader
 
 
@@ -485,6 +487,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads of the main process (photometric stage on CPU); default torch's")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--torch-decode", default="host", choices=["host", "device"],
+                    help="the torch backend's data.decode: host (PIL in workers) or device (nvJPEG on CUDA)")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--plot", type=Path, help="write a PNG bar chart here")
     ap.add_argument("--profile", action="store_true", help="add the per-stage breakdown (see the docstring)")
@@ -519,7 +523,8 @@ def main(argv: list[str] | None = None) -> dict:
     def maker(name, s=spec):
         if name in EXTRA:
             return lambda: _baseline_stream(name, args.images, s, args.batch_size, device, cores, args.seed)
-        return lambda: _loader_stream(name, data, s, args.batch_size, device, args.workers, args.seed)
+        return lambda: _loader_stream(name, data, s, args.batch_size, device, args.workers, args.seed,
+                                      args.torch_decode)
 
     for rnd in range(args.repeats):
         for name in list(runnable):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import io
 import math
+import os
 import random
 import time
 from dataclasses import replace
@@ -35,6 +36,9 @@ COPIES, BATCH = 64, 32
 GLOBAL, LOCAL = 32, 16  # view sizes of the presets in these tests
 EPOCHS = 6
 KS_C = 1.95  # two-sample KS critical coefficient at alpha = 0.001
+# The loaders' device: FASTSSL_TEST_DEVICE=cuda runs the suite on a GPU (scripts/gpu_check.py does), where DALI
+# decodes with nvJPEG and the photometric stage runs on the device.
+DEVICE = torch.device(os.environ.get("FASTSSL_TEST_DEVICE", "cpu"))
 
 
 def _unavailable(name: str) -> str | None:
@@ -103,7 +107,7 @@ def _geometric(spec: MultiCropSpec) -> MultiCropSpec:
 
 
 def _loader(path: Path, name: str, options: dict, spec: MultiCropSpec, seed: int = 3, batch_size: int = BATCH):
-    return build_loader(path, spec, batch_size, backend=name, seed=seed, **options)
+    return build_loader(path, spec, batch_size, backend=name, seed=seed, device=DEVICE, **options)
 
 
 # ---- measuring a view --------------------------------------------------------------------------------
@@ -112,7 +116,7 @@ def _measure(views: torch.Tensor, spec: MultiCropSpec) -> dict[str, np.ndarray]:
     grayscale, and the blue channel's median on the [0, 1] scale."""
     mean = torch.tensor(spec.mean, dtype=torch.float64).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float64).view(1, 3, 1, 1)
-    pix = views.double() * std + mean  # back to [0, 1]
+    pix = views.cpu().double() * std + mean  # back to [0, 1]
     s = pix.shape[-1]
     r, g, b = pix[:, 0], pix[:, 1], pix[:, 2]
     gray = torch.maximum((r - g).abs().amax((1, 2)), (g - b).abs().amax((1, 2))) < 1e-3
@@ -213,13 +217,13 @@ def test_full_recipe_views_have_the_contract_layout(ramp, name, options, preset)
     loader = _loader(ramp, name, options, spec)
     batches = list(loader)
     assert len(batches) == len(loader) == COPIES // BATCH
-    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    mean = torch.tensor(spec.mean, device=DEVICE).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=DEVICE).view(1, 3, 1, 1)
     for batch in batches:
         assert batch.labels.dtype == torch.int64 and batch.labels.shape == (BATCH,)
         assert [tuple(v.shape) for v in batch.views] == [(BATCH, 3, v.size, v.size) for v in spec.views]
         for v in batch.views:
-            assert v.dtype == torch.float32 and v.device.type == "cpu"
+            assert v.dtype == torch.float32 and v.device.type == DEVICE.type
             assert v.is_contiguous(memory_format=torch.channels_last)
             pix = v * std + mean  # every photometric op keeps pixels in [0, 1]
             assert torch.isfinite(v).all() and pix.min() > -1e-4 and pix.max() < 1 + 1e-4
