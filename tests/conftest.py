@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,6 +21,18 @@ from pipelines.formats import ShardWriter, iter_samples, load_manifest, shard_pa
 # GPU every test process must interpret, whichever test module happens to import fastssl first.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def load_script(name: str, module_name: str | None = None):
+    """scripts/<name>.py imported as a module (scripts/ is no package), registered in sys.modules under
+    ``module_name`` (default: ``name``) so that its dataclasses and pickling resolve."""
+    module_name = module_name or name
+    spec = importlib.util.spec_from_file_location(module_name, Path(__file__).resolve().parents[1] / "scripts"
+                                                  / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def _jpeg(img: Image.Image, quality: int = 95) -> bytes:

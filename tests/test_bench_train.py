@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
+
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench_train():
-    spec = importlib.util.spec_from_file_location("_bench_train_under_test", ROOT / "scripts" / "bench_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_train", "_bench_train_under_test")
 
 
 def _tiny(data: Path) -> list[str]:

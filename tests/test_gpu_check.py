@@ -3,7 +3,6 @@ process groups killed, errors recorded, the next step run, the budget, results r
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -14,19 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-gc = _load()
+gc = load_script("gpu_check")
 PY = sys.executable
 
 
@@ -214,7 +206,4 @@ def test_bench_loader_passes_torch_decode_to_the_torch_backend(tiny_dataset, tmp
 
 
 def gc_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(name, f"_{name}")

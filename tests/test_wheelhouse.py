@@ -4,7 +4,6 @@ fake files (no network, no pip)."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -12,20 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTALL = ROOT / "scripts" / "install_offline.sh"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("wheelhouse", ROOT / "scripts" / "wheelhouse.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["wheelhouse"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-wh = _load()
+wh = load_script("wheelhouse")
 PART = 1000  # bytes: the tests' --part-mib
 
 
