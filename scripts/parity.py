@@ -538,6 +538,9 @@ def run_independent(s: Settings, args: argparse.Namespace, cfg, out: Path) -> di
             opt.step()
             model.after_step(step, total)
             step += 1
+            if args.log_every and step % args.log_every == 0:
+                rate = step * s.batch / max(train_time + time.perf_counter() - t0, 1e-9)
+                print(f"independent step {step}/{total} loss {loss.item():.4f} {rate:.0f} img/s", flush=True)
         train_time += time.perf_counter() - t0
         knn.append(evaluate(model.backbone))
         print(f"independent {s.method} epoch {epoch + 1}: loss {loss.item():.4f} kNN {knn[-1]:.2f} %", flush=True)
@@ -607,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="the independent side's DataLoader workers")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--log-every", type=int, default=20, help="the independent side prints every N steps (0: never)")
     p.add_argument("--source", choices=("shards", "idx"), default="shards",
                    help="the independent side's images: the converted JPEG shards, or the raw IDX files")
     p.add_argument("--indep-decay-all", action="store_true",
