@@ -1,0 +1,650 @@
+"""Side-by-side learning-quality check: fastssl against an independent plain-PyTorch implementation.
+
+    python scripts/parity.py --method byol --epochs 5 [--data data/fashion-mnist] [--out runs/parity/byol]
+
+Both train the same method on the same converted dataset (fastssl-convert's shards; ``--source idx`` makes the
+independent one read the raw IDX files instead), with the same hyper-parameters and seed, and both are
+evaluated after every epoch by the same function (fastssl.engine.knn: weighted 20-NN, T = 0.07, over the same
+eval loaders: train split as the bank, val split as the queries).
+
+* fastssl: ``python -m fastssl.train`` in a subprocess with the method's recipe and the overrides below
+  (``eval.knn_every=1``: the trainer's kNN monitor gives the per-epoch figure).
+* independent: this file. Written from the papers, not from fastssl's modules: its own ResNet-18 layout
+  (torchvision's BasicBlock, small-image stem, width multiplier), heads, losses, EMA, queue and Sinkhorn;
+  torchvision transforms on PIL images in a DataLoader; SGD with momentum. It imports from fastssl only the
+  evaluator (the same function for both) and, to check that the settings really are equal, fastssl's view spec.
+
+Outputs in ``--out``: ``fastssl.json`` and ``independent.json`` (per-epoch kNN, img/s), ``parity.json``
+(both + the gap), ``parity.png`` (kNN per epoch), and a markdown table on stdout. ``--impl`` runs one side
+only (two processes can run the sides in parallel; the last one to finish, or ``--report``, merges them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gzip
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torchvision import transforms as T
+from torchvision.models.resnet import BasicBlock
+
+REPO = Path(__file__).resolve().parents[1]
+IDX_DIR = Path("/usr/share/datasets/fashion-mnist")
+FMNIST_MEAN, FMNIST_STD = 0.286, 0.353
+
+
+# ---- the equal settings -------------------------------------------------------------------------------------
+
+@dataclass
+class View:
+    """One view's augmentation, the papers' terms (torchvision semantics)."""
+
+    size: int = 32
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    gray_p: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+
+
+@dataclass
+class Settings:
+    """What both implementations train with. ``lr`` is the step size actually used (fastssl's base_lr is
+    lr x 256 / batch); weight decay spares biases and normalization parameters in both (the papers' rule)."""
+
+    method: str
+    recipe: str  # fastssl recipe the run starts from (its data, model and eval sections)
+    preset: str  # fastssl's data.spec
+    views: list[View]
+    heads: dict  # the method's own hyper-parameters (fastssl's method.* keys)
+    width: int = 16
+    batch: int = 256
+    lr: float = 0.015
+    weight_decay: float = 2e-3
+    momentum: float = 0.9
+    aug: dict = field(default_factory=dict)  # fastssl data.aug overrides that turn the preset into ``views``
+    extra: list[str] = field(default_factory=list)  # further fastssl overrides (local views, ...)
+
+
+def _byol() -> Settings:
+    # The held-out check of issue 18: BYOL's torchvision augmentations without blur, solarize 0 / 0.2, heads
+    # 1024 / 256, tau 0.99 -> 1, SGD; loss (2 - 2 cos) summed over the two directions, lr 0.015, wd 2e-3
+    # (= lr 0.06, wd 5e-4 on the loss -1/2 (cos + cos)).
+    views = [View(solarize_p=0.0), View(solarize_p=0.2)]
+    return Settings("byol", "byol_resnet18_fmnist", "byol", views,
+                    heads=dict(proj_hidden=1024, proj_dim=256, pred_hidden=1024, base_tau=0.99),
+                    aug={"scale": [0.08, 1.0], "blur_p": 0.0})
+
+
+def _simclr() -> Settings:
+    # SimCLR: colour distortion strength 1 (0.8, 0.8, 0.8, 0.2), grayscale 0.2, no blur on 28 px images.
+    v = View(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2)
+    return Settings("simclr", "simclr_resnet18_fmnist", "simclr", [v, v],
+                    heads=dict(proj_hidden=1024, proj_dim=128, temperature=0.2),
+                    lr=0.06, weight_decay=5e-4, aug={"scale": [0.08, 1.0], "blur_p": 0.0})
+
+
+def _mocov2() -> Settings:
+    # MoCo v2: jitter (0.4, 0.4, 0.4, 0.1) p 0.8, grayscale 0.2; MLP head without BN; T 0.2; queue 4096;
+    # momentum 0.99 (a short run).
+    v = View(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1)
+    return Settings("mocov2", "mocov2_resnet18_fmnist", "simclr", [v, v],
+                    heads=dict(proj_hidden=1024, proj_dim=128, queue_size=4096, temperature=0.2, momentum=0.99),
+                    lr=0.06, weight_decay=5e-4,
+                    aug={"scale": [0.08, 1.0], "blur_p": 0.0, "brightness": 0.4, "contrast": 0.4,
+                         "saturation": 0.4, "hue": 0.1})
+
+
+def _swav() -> Settings:
+    # SwAV multi-crop: 2 x 32 px scale (0.14, 1) + 4 x 16 px scale (0.05, 0.14), colour strength 1, no blur;
+    # 100 prototypes, T 0.1, eps 0.05, 3 Sinkhorn iterations, prototypes frozen for 0.2 epoch, queue of 2048
+    # past embeddings per global crop from the first step.
+    colour = dict(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2)
+    views = [View(scale=(0.14, 1.0), **colour)] * 2 + [View(size=16, scale=(0.05, 0.14), **colour)] * 4
+    return Settings("swav", "swav_resnet18_fmnist", "swav", views,
+                    heads=dict(proj_hidden=512, proj_dim=64, n_prototypes=100, temperature=0.1, sinkhorn_eps=0.05,
+                               sinkhorn_iters=3, freeze_prototypes_epochs=0.2, queue_length=2048,
+                               queue_start_epoch=0),
+                    lr=0.06, weight_decay=5e-4, aug={"blur_p": 0.0},
+                    extra=["data.local_size=16", "data.n_local=4"])
+
+
+SETTINGS = {"byol": _byol, "simclr": _simclr, "mocov2": _mocov2, "swav": _swav}
+
+
+def fastssl_overrides(s: Settings, args: argparse.Namespace, out_dir: Path) -> list[str]:
+    """The fastssl command line's ``key=value`` overrides equal to ``s`` (plus run bookkeeping)."""
+    ov = [f"data.path={args.data}", f"model.width={s.width}", f"train.batch_size={s.batch}", "optim.name=sgd",
+          f"optim.base_lr={s.lr * 256 / s.batch!r}", f"optim.final_lr={s.lr!r}", "optim.warmup_epochs=0",
+          f"optim.weight_decay={s.weight_decay!r}", f"optim.momentum={s.momentum!r}", f"train.epochs={args.epochs}",
+          f"train.seed={args.seed}", f"train.precision={args.precision}", f"train.threads={args.threads}",
+          "train.progress=false", "eval.probe=false", "eval.knn_every=1", "resume=none", f"out_dir={out_dir}",
+          f"data.mean=[{FMNIST_MEAN},{FMNIST_MEAN},{FMNIST_MEAN}]",
+          f"data.std=[{FMNIST_STD},{FMNIST_STD},{FMNIST_STD}]",
+          f"data.global_size={s.views[0].size}", f"data.spec={s.preset}"]
+    ov += [f"method.{k}={v!r}" for k, v in s.heads.items()]
+    ov += [f"data.aug.{k}={json.dumps(v)}" for k, v in s.aug.items()]
+    return ov + s.extra + list(args.fastssl_override)
+
+
+def check_same_views(s: Settings, cfg) -> None:
+    """Stop unless fastssl's view spec under these overrides is exactly ``s.views`` (the settings are equal)."""
+    from fastssl.engine.trainer import build_spec
+
+    spec = build_spec(cfg)
+    if len(spec.views) != len(s.views):
+        raise SystemExit(f"parity: fastssl builds {len(spec.views)} views, the independent one {len(s.views)}")
+    for i, (ours, theirs) in enumerate(zip(s.views, spec.views, strict=True)):
+        for key, value in asdict(ours).items():
+            other = getattr(theirs, key)
+            if not np.allclose(np.asarray(value, dtype=float), np.asarray(other, dtype=float)):
+                raise SystemExit(f"parity: view {i} {key}: independent {value!r} != fastssl {other!r}")
+    if not (np.allclose(spec.mean, FMNIST_MEAN) and np.allclose(spec.std, FMNIST_STD)):
+        raise SystemExit(f"parity: fastssl normalizes with {spec.mean}/{spec.std}")
+
+
+# ---- data ---------------------------------------------------------------------------------------------------
+
+def read_shards(data: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The converted split's images, decoded here with PIL: (N, H, W) uint8 gray and (N,) int64 labels."""
+    manifest = json.loads((data / "manifest.json").read_text())
+    images, labels = [], []
+    for shard in manifest["splits"][split]["shards"]:
+        pending: dict[str, dict] = {}
+        with tarfile.open(data / shard["name"]) as tar:
+            for member in tar:
+                key, ext = member.name.rsplit(".", 1)
+                if ext not in ("jpg", "cls"):
+                    continue
+                pending.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        for key in sorted(pending):
+            item = pending[key]
+            images.append(np.asarray(Image.open(io.BytesIO(item["jpg"])).convert("L")))
+            labels.append(int(item["cls"].decode()))
+    return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+def read_idx_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST straight from the Debian package's IDX files (no JPEG round trip)."""
+    prefix = {"train": "train", "val": "t10k"}[split]
+
+    def load(path: Path, offset: int) -> np.ndarray:
+        with gzip.open(path) as f:
+            return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
+
+    images = load(IDX_DIR / f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
+    labels = load(IDX_DIR / f"{prefix}-labels-idx1-ubyte.gz", 8).astype(np.int64)
+    return images, labels
+
+
+def view_transform(v: View) -> T.Compose:
+    """torchvision's pipeline for one view, on a gray PIL image -> (3, S, S) normalized float tensor."""
+    ops = [T.RandomResizedCrop(v.size, scale=v.scale, ratio=v.ratio, antialias=True),
+           T.RandomHorizontalFlip(v.flip_p)]
+    if v.jitter_p > 0:
+        ops.append(T.RandomApply([T.ColorJitter(v.brightness, v.contrast, v.saturation, v.hue)], p=v.jitter_p))
+    if v.gray_p > 0:
+        ops.append(T.RandomGrayscale(v.gray_p))
+    if v.blur_p > 0:
+        kernel = max(3, int(0.1 * v.size)) | 1
+        ops.append(T.RandomApply([T.GaussianBlur(kernel, v.blur_sigma)], p=v.blur_p))
+    if v.solarize_p > 0:
+        ops.append(T.RandomSolarize(128, p=v.solarize_p))
+    ops += [T.ToTensor(), T.Lambda(lambda x: x.expand(3, -1, -1)), T.Normalize([FMNIST_MEAN] * 3, [FMNIST_STD] * 3)]
+    return T.Compose(ops)
+
+
+class MultiViewDataset(torch.utils.data.Dataset):
+    def __init__(self, images: np.ndarray, views: list[View]):
+        self.images, self.transforms = images, [view_transform(v) for v in views]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> list[torch.Tensor]:
+        img = Image.fromarray(self.images[i], "L")
+        return [t(img) for t in self.transforms]
+
+
+# ---- the independent models ---------------------------------------------------------------------------------
+
+class SmallResNet18(nn.Module):
+    """ResNet-18 (torchvision's BasicBlock, [2, 2, 2, 2]) at stem width ``width`` with the small-image stem
+    (3x3 stride-1 conv, no max-pool); ``forward -> (B, 8 * width)`` pooled features."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        stages, inplanes = [], width
+        for i, planes in enumerate([width, 2 * width, 4 * width, 8 * width]):
+            stride = 1 if i == 0 else 2
+            down = None
+            if stride != 1 or inplanes != planes:
+                down = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+            stages.append(nn.Sequential(BasicBlock(inplanes, planes, stride, down), BasicBlock(planes, planes)))
+            inplanes = planes
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.feat_dim = 8 * width
+        for m in self.modules():  # He init (fan-out) for convs, BN at identity: the ResNet paper's
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return x.mean(dim=(2, 3))
+
+
+def mlp(in_dim: int, hidden: int, out: int, bn: bool = True) -> nn.Sequential:
+    """Linear -> [BN] -> ReLU -> Linear: the BYOL / SimCLR / SwAV projector (MoCo v2's without BN)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), *([nn.BatchNorm1d(hidden)] if bn else []), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, out))
+
+
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """BYOL eq. 2: mean over the batch of || p/|p| - z/|z| ||^2 = 2 - 2 cos(p, z)."""
+    p = p / p.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    z = z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return ((p - z) ** 2).sum(dim=1).mean()
+
+
+def simclr_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent (eq. 1) averaged over all 2N anchors: the positive of anchor k is its other view."""
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    n = z1.shape[0]
+    sim = z @ z.t() / temperature
+    eye = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    log_denominator = torch.logsumexp(sim.masked_fill(eye, -math.inf), dim=1)
+    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    positive = sim[torch.arange(2 * n, device=z.device), partner]
+    return (log_denominator - positive).mean()
+
+
+def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo's InfoNCE (Algorithm 1): logits [q.k+, q.queue] / T, class 0 is the positive."""
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    l_pos = (q * k).sum(dim=1, keepdim=True)
+    l_neg = q @ queue.t()
+    logits = torch.cat([l_pos, l_neg], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+@torch.no_grad()
+def sinkhorn_knopp(scores: torch.Tensor, eps: float, iters: int) -> torch.Tensor:
+    """SwAV's Algorithm (appendix A.1), in float64: Q = exp(scores / eps)^T, rows (prototypes) to 1/K and
+    columns (samples) to 1/B alternately; returns B Q^T, whose rows sum to 1. scores (B, K) -> (B, K)."""
+    q = torch.exp((scores.double() - scores.double().max()) / eps).t()  # the max cancels in the normalization
+    k, b = q.shape
+    q /= q.sum()
+    for _ in range(iters):
+        q /= q.sum(dim=1, keepdim=True)
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= b
+    return (q * b).t().float()
+
+
+def swav_loss(scores: list[torch.Tensor], codes: list[torch.Tensor], temperature: float) -> torch.Tensor:
+    """SwAV's swapped prediction: each assigned crop's code predicted from every other crop's softmax."""
+    total = 0.0
+    for a, q in enumerate(codes):
+        sub = 0.0
+        for v, s in enumerate(scores):
+            if v != a:
+                sub = sub - (q * F.log_softmax(s / temperature, dim=1)).sum(dim=1).mean()
+        total = total + sub / (len(scores) - 1)
+    return total / len(codes)
+
+
+def _params_of(*modules: nn.Module) -> list[nn.Parameter]:
+    return [p for m in modules for p in m.parameters()]
+
+
+@torch.no_grad()
+def ema_(target: list[torch.Tensor], online: list[torch.Tensor], tau: float) -> None:
+    """target <- tau target + (1 - tau) online, parameter by parameter."""
+    for t, o in zip(target, online, strict=True):
+        t.mul_(tau).add_(o.detach(), alpha=1.0 - tau)
+
+
+class IndependentBYOL(nn.Module):
+    def __init__(self, width: int, proj_hidden: int, proj_dim: int, pred_hidden: int, base_tau: float):
+        super().__init__()
+        self.backbone = SmallResNet18(width)
+        self.projector = mlp(self.backbone.feat_dim, proj_hidden, proj_dim)
+        self.predictor = mlp(proj_dim, pred_hidden, proj_dim)
+        self.target_backbone, self.target_projector = copy.deepcopy(self.backbone), copy.deepcopy(self.projector)
+        for p in _params_of(self.target_backbone, self.target_projector):
+            p.requires_grad_(False)
+        self.base_tau = base_tau
+
+    def loss(self, views: list[torch.Tensor]) -> torch.Tensor:
+        v1, v2 = views[:2]
+        p1 = self.predictor(self.projector(self.backbone(v1)))
+        p2 = self.predictor(self.projector(self.backbone(v2)))
+        with torch.no_grad():
+            z1 = self.target_projector(self.target_backbone(v1))
+            z2 = self.target_projector(self.target_backbone(v2))
+        return byol_loss(p1, z2.detach()) + byol_loss(p2, z1.detach())
+
+    def after_step(self, k: int, total: int) -> None:
+        tau = 1 - (1 - self.base_tau) * (math.cos(math.pi * k / total) + 1) / 2
+        ema_(_params_of(self.target_backbone, self.target_projector), _params_of(self.backbone, self.projector), tau)
+
+
+class IndependentSimCLR(nn.Module):
+    def __init__(self, width: int, proj_hidden: int, proj_dim: int, temperature: float):
+        super().__init__()
+        self.backbone = SmallResNet18(width)
+        self.projector = mlp(self.backbone.feat_dim, proj_hidden, proj_dim)
+        self.temperature = temperature
+
+    def loss(self, views: list[torch.Tensor]) -> torch.Tensor:
+        return simclr_loss(self.projector(self.backbone(views[0])), self.projector(self.backbone(views[1])),
+                           self.temperature)
+
+    def after_step(self, k: int, total: int) -> None:
+        pass
+
+
+class IndependentMoCoV2(nn.Module):
+    def __init__(self, width: int, proj_hidden: int, proj_dim: int, queue_size: int, temperature: float,
+                 momentum: float):
+        super().__init__()
+        self.backbone = SmallResNet18(width)
+        self.projector = mlp(self.backbone.feat_dim, proj_hidden, proj_dim, bn=False)
+        self.key_backbone, self.key_projector = copy.deepcopy(self.backbone), copy.deepcopy(self.projector)
+        for p in _params_of(self.key_backbone, self.key_projector):
+            p.requires_grad_(False)
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))
+        self.ptr, self.temperature, self.momentum = 0, temperature, momentum
+        self._keys: torch.Tensor | None = None
+
+    def loss(self, views: list[torch.Tensor]) -> torch.Tensor:
+        q = self.projector(self.backbone(views[0]))
+        with torch.no_grad():
+            k = F.normalize(self.key_projector(self.key_backbone(views[1])).float(), dim=1)
+        self._keys = k
+        return moco_loss(q.float(), k, self.queue, self.temperature)
+
+    @torch.no_grad()
+    def after_step(self, k: int, total: int) -> None:
+        ema_(_params_of(self.key_backbone, self.key_projector), _params_of(self.backbone, self.projector),
+             self.momentum)
+        keys, size = self._keys, self.queue.shape[0]
+        rows = (self.ptr + torch.arange(len(keys))) % size  # dequeue the oldest, enqueue this batch
+        self.queue[rows] = keys
+        self.ptr = (self.ptr + len(keys)) % size
+
+
+class IndependentSwAV(nn.Module):
+    def __init__(self, width: int, proj_hidden: int, proj_dim: int, n_prototypes: int, temperature: float,
+                 sinkhorn_eps: float, sinkhorn_iters: int, freeze_prototypes_epochs: float, queue_length: int,
+                 queue_start_epoch: int):
+        super().__init__()
+        self.backbone = SmallResNet18(width)
+        self.projector = mlp(self.backbone.feat_dim, proj_hidden, proj_dim)
+        self.prototypes = nn.Linear(proj_dim, n_prototypes, bias=False)
+        self.normalize_prototypes()
+        self.temperature, self.eps, self.iters = temperature, sinkhorn_eps, sinkhorn_iters
+        self.freeze_epochs, self.queue_start_epoch = freeze_prototypes_epochs, queue_start_epoch
+        self.register_buffer("queue", torch.zeros(2, queue_length, proj_dim))
+        self.filled = 0
+        self.steps_per_epoch = 1
+        self._new: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def normalize_prototypes(self) -> None:
+        self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
+
+    def loss(self, views: list[torch.Tensor]) -> torch.Tensor:
+        z = [F.normalize(self.projector(self.backbone(v)), dim=1) for v in views]
+        scores = [self.prototypes(zv) for zv in z]
+        codes = []
+        with torch.no_grad():
+            for a in range(2):
+                s = scores[a].detach().float()
+                if self.queue.shape[1] and self.filled == self.queue.shape[1]:
+                    s = torch.cat([self.prototypes(self.queue[a]).float(), s])
+                codes.append(sinkhorn_knopp(s, self.eps, self.iters)[-len(views[a]):])
+        self._new = [z[a].detach().float() for a in range(2)]
+        return swav_loss([s.float() for s in scores], codes, self.temperature)
+
+    def before_update(self, k: int) -> None:
+        if k < self.freeze_epochs * self.steps_per_epoch:
+            self.prototypes.weight.grad = None
+
+    @torch.no_grad()
+    def after_step(self, k: int, total: int) -> None:
+        self.normalize_prototypes()
+        length = self.queue.shape[1]
+        if length and k // self.steps_per_epoch >= self.queue_start_epoch:
+            self.queue.copy_(torch.cat([torch.stack(self._new), self.queue], dim=1)[:, :length])
+            self.filled = min(length, self.filled + len(self._new[0]))
+
+
+def build_independent(s: Settings) -> nn.Module:
+    cls = {"byol": IndependentBYOL, "simclr": IndependentSimCLR, "mocov2": IndependentMoCoV2,
+           "swav": IndependentSwAV}[s.method]
+    return cls(s.width, **s.heads)
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list[dict]:
+    """Weight decay on weight matrices and kernels only (biases and BN spared), or on everything."""
+    decay, spare = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if decay_all or p.ndim > 1 else spare).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": spare, "weight_decay": 0.0}]
+
+
+# ---- the shared evaluator -----------------------------------------------------------------------------------
+
+class Evaluator:
+    """fastssl's kNN evaluation, the function both sides are scored with (same loaders, k, T, precision)."""
+
+    def __init__(self, cfg):
+        import pipelines
+        from fastssl.engine.trainer import build_spec
+
+        self.cfg = cfg
+        spec = build_spec(cfg, "eval")
+        self.loaders = {split: pipelines.build_loader(cfg.data.path, spec, cfg.eval.batch_size, split=split,
+                                                      device="cpu", backend="torch", cache=cfg.data.cache,
+                                                      shuffle=False, drop_last=False, progress=False)
+                        for split in ("train", "val")}
+
+    def __call__(self, backbone: nn.Module) -> float:
+        from fastssl.engine.knn import extract_features, knn_top1
+
+        feats = {split: extract_features(backbone, loader, self.cfg.train.precision)
+                 for split, loader in self.loaders.items()}
+        return knn_top1(*feats["train"], *feats["val"], k=self.cfg.eval.knn_k, temperature=self.cfg.eval.knn_t)
+
+
+# ---- the two runs -------------------------------------------------------------------------------------------
+
+def run_fastssl(s: Settings, args: argparse.Namespace, out: Path) -> dict:
+    run_dir = out / "fastssl_run"
+    cmd = [sys.executable, "-m", "fastssl.train", "--config", s.recipe, *fastssl_overrides(s, args, run_dir)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    t0 = time.perf_counter()
+    log = out / "fastssl.log"
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise SystemExit(f"parity: fastssl exited with {rc}; see {log}")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    knn = [r["knn_top1"] for r in rows if "knn_top1" in r]
+    rates = [r["img_s"] for r in rows if "img_s" in r]
+    return {"knn_top1": knn, "img_s": float(np.median(rates)) if rates else None,
+            "wall_s": time.perf_counter() - t0, "command": " ".join(cmd[1:])}
+
+
+def run_independent(s: Settings, args: argparse.Namespace, cfg, out: Path) -> dict:
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    images, _ = read_idx_split("train") if args.source == "idx" else read_shards(Path(args.data), "train")
+    dataset = MultiViewDataset(images, s.views)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=s.batch, shuffle=True, drop_last=True,
+                                         num_workers=args.workers, persistent_workers=args.workers > 0,
+                                         generator=torch.Generator().manual_seed(args.seed))
+    model = build_independent(s)
+    opt = torch.optim.SGD(param_groups(model, s.weight_decay, args.indep_decay_all), lr=s.lr, momentum=s.momentum)
+    if hasattr(model, "steps_per_epoch"):
+        model.steps_per_epoch = len(loader)
+    evaluate = Evaluator(cfg)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    total, step, knn, train_time = args.epochs * len(loader), 0, [], 0.0
+    for epoch in range(args.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        for views in loader:
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                loss = model.loss(views)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if hasattr(model, "before_update"):
+                model.before_update(step)
+            opt.step()
+            model.after_step(step, total)
+            step += 1
+            if args.log_every and step % args.log_every == 0:
+                rate = step * s.batch / max(train_time + time.perf_counter() - t0, 1e-9)
+                print(f"independent step {step}/{total} loss {loss.item():.4f} {rate:.0f} img/s", flush=True)
+        train_time += time.perf_counter() - t0
+        knn.append(evaluate(model.backbone))
+        print(f"independent {s.method} epoch {epoch + 1}: loss {loss.item():.4f} kNN {knn[-1]:.2f} %", flush=True)
+    return {"knn_top1": knn, "img_s": step * s.batch / max(train_time, 1e-9), "source": args.source,
+            "decay_all": args.indep_decay_all}
+
+
+# ---- report -------------------------------------------------------------------------------------------------
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def report(out: Path, method: str) -> dict | None:
+    """Merge fastssl.json and independent.json into parity.json + parity.png; print the markdown table."""
+    sides = {n: json.loads((out / f"{n}.json").read_text()) for n in ("fastssl", "independent")
+             if (out / f"{n}.json").is_file()}
+    if len(sides) < 2:
+        return None
+    f, i = sides["fastssl"]["knn_top1"], sides["independent"]["knn_top1"]
+    n = min(len(f), len(i))
+    gap = [round(f[e] - i[e], 2) for e in range(n)]
+    result = {"method": method, "settings": sides["independent"].get("settings"), **sides, "gap_points": gap}
+    _atomic_write(out / "parity.json", (json.dumps(result, indent=2) + "\n").encode())
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(range(1, len(f) + 1), f, "o-", label="fastssl")
+    ax.plot(range(1, len(i) + 1), i, "s--", label="independent (plain PyTorch)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("weighted 20-NN top-1 (%)")
+    ax.set_title(f"{method}: fastssl vs independent")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out / "parity.png.tmp"
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out / "parity.png")
+
+    print(f"\n| {method} | " + " | ".join(f"epoch {e + 1}" for e in range(n)) + " | img/s |")
+    print("|---|" + "---:|" * (n + 1))
+    for name, knn in (("independent", i), ("fastssl", f)):
+        rate = sides[name].get("img_s")
+        print(f"| {name} | " + " | ".join(f"{k:.2f}" for k in knn[:n]) + f" | {rate:.0f} |")
+    print("| gap (points) | " + " | ".join(f"{g:+.2f}" for g in gap) + " | |")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--method", choices=sorted(SETTINGS), required=True)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--data", default="data/fashion-mnist", help="converted Fashion-MNIST (fastssl-convert)")
+    p.add_argument("--out", default=None, help="output folder (default runs/parity/METHOD)")
+    p.add_argument("--impl", choices=("both", "fastssl", "independent"), default="both")
+    p.add_argument("--report", action="store_true", help="only merge the two sides' JSON into parity.json/png")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="both sides (autocast)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each side")
+    p.add_argument("--workers", type=int, default=1, help="the independent side's DataLoader workers")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--log-every", type=int, default=20, help="the independent side prints every N steps (0: never)")
+    p.add_argument("--source", choices=("shards", "idx"), default="shards",
+                   help="the independent side's images: the converted JPEG shards, or the raw IDX files")
+    p.add_argument("--indep-decay-all", action="store_true",
+                   help="the independent side decays biases and BN parameters too")
+    p.add_argument("--fastssl-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra fastssl override (a hypothesis probe; recorded in the JSON)")
+    args = p.parse_args(argv)
+    args.data = str(Path(args.data).resolve())
+    out = Path(args.out or REPO / "runs" / "parity" / args.method).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        return 0 if report(out, args.method) else 1
+    s = SETTINGS[args.method]()
+    if args.width:
+        s.width = args.width
+    if args.batch_size:
+        s.batch = args.batch_size
+
+    sys.path.insert(0, str(REPO))
+    from fastssl.config import load_config
+
+    cfg = load_config(s.recipe, [o for o in fastssl_overrides(s, args, out / "fastssl_run")])
+    check_same_views(s, cfg)
+    meta = {"settings": asdict(s), "epochs": args.epochs, "seed": args.seed, "precision": args.precision}
+    if args.impl in ("both", "fastssl"):
+        res = run_fastssl(s, args, out)
+        _atomic_write(out / "fastssl.json", (json.dumps({**meta, **res}, indent=2) + "\n").encode())
+        print(f"fastssl {args.method}: kNN per epoch {res['knn_top1']}", flush=True)
+    if args.impl in ("both", "independent"):
+        res = run_independent(s, args, cfg, out)
+        _atomic_write(out / "independent.json", (json.dumps({**meta, **res}, indent=2) + "\n").encode())
+    report(out, args.method)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

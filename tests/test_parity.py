@@ -1,0 +1,149 @@
+"""scripts/parity.py: the independent implementations' losses against hand calculations, its backbone
+against fastssl's, the settings map, and a tiny end-to-end run that writes the JSON and the plot."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_parity():
+    spec = importlib.util.spec_from_file_location("parity_script", REPO / "scripts" / "parity.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["parity_script"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+parity = _load_parity()
+
+
+def test_byol_loss_matches_hand_values():
+    p = torch.tensor([[1.0, 0.0], [3.0, 0.0], [1.0, 0.0]])
+    z = torch.tensor([[0.0, 2.0], [5.0, 0.0], [1.0, 1.0]])
+    # rows: orthogonal -> 2, parallel -> 0, 45 degrees -> 2 - 2 / sqrt(2); mean over rows
+    expected = (2.0 + 0.0 + (2.0 - math.sqrt(2.0))) / 3
+    assert parity.byol_loss(p, z).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_simclr_loss_matches_hand_value():
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    z1 = torch.stack([e1, e2])
+    z2 = torch.stack([2 * e1, 3 * e2])  # scale must not matter
+    # Every anchor sees its positive at cos 1 and two negatives at cos 0 (T = 1): log(e + 2) - 1.
+    assert parity.simclr_loss(z1, z2, 1.0).item() == pytest.approx(math.log(math.e + 2) - 1, abs=1e-6)
+    # T = 0.5 doubles every logit: log(e^2 + 2) - 2.
+    assert parity.simclr_loss(z1, z2, 0.5).item() == pytest.approx(math.log(math.e ** 2 + 2) - 2, abs=1e-6)
+
+
+def test_moco_loss_matches_hand_value():
+    q, k = torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0, 0.0]])
+    queue = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
+    # logits (1, 0, -1) / 0.5 = (2, 0, -2), class 0.
+    expected = -2.0 + math.log(math.exp(2) + 1 + math.exp(-2))
+    assert parity.moco_loss(q, k, queue, 0.5).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_sinkhorn_uniform_scores_give_uniform_codes_and_marginals_hold():
+    q = parity.sinkhorn_knopp(torch.zeros(4, 2), eps=0.05, iters=3)
+    assert torch.allclose(q, torch.full((4, 2), 0.5))
+    scores = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.2, 0.1], [0.7, 0.0, 0.3], [0.1, 0.2, 0.9]])
+    q = parity.sinkhorn_knopp(scores, eps=0.5, iters=200)
+    assert torch.allclose(q.sum(1), torch.ones(4), atol=1e-5)  # each sample: a distribution
+    assert torch.allclose(q.sum(0), torch.full((3,), 4 / 3), atol=1e-4)  # each prototype: B / K of the mass
+
+
+def test_sinkhorn_one_iteration_by_hand():
+    # 2 samples x 2 prototypes, eps = 1: Q0 = exp(scores)^T / sum; rows of Q0 (prototypes) -> 1/2, then
+    # columns (samples) -> 1/2, times B = 2.
+    scores = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    e = math.e
+    a = [[e, 1.0], [1.0, 1.0]]  # a[k][b] = exp(score[b][k])
+    rows = [[a[k][b] / sum(a[k]) / 2 for b in range(2)] for k in range(2)]
+    cols = [[rows[k][b] / (rows[0][b] + rows[1][b]) / 2 * 2 for b in range(2)] for k in range(2)]
+    expected = torch.tensor(cols).t()
+    assert torch.allclose(parity.sinkhorn_knopp(scores, eps=1.0, iters=1), expected, atol=1e-6)
+
+
+def test_swav_loss_matches_hand_value():
+    s1 = torch.tensor([[1.0, 0.0]])
+    s2 = torch.tensor([[0.0, 1.0]])
+    q1 = torch.tensor([[1.0, 0.0]])
+    q2 = torch.tensor([[0.0, 1.0]])
+    # Code of view 1 (class 0) predicted by view 2's scores / T (T = 1): -log softmax((0, 1))[0] = log(1 + e);
+    # code of view 2 (class 1) predicted by view 1: the same; averaged.
+    assert parity.swav_loss([s1, s2], [q1, q2], 1.0).item() == pytest.approx(math.log(1 + math.e), abs=1e-6)
+
+
+def test_independent_backbone_is_fastssls_architecture():
+    from fastssl.models import build_backbone
+
+    ours = parity.SmallResNet18(4).eval()
+    theirs = build_backbone("resnet18", width=4, small_images=True).eval()
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert {k: tuple(v.shape) for k, v in a.items()} == {k: tuple(v.shape) for k, v in b.items()}
+    ours.load_state_dict(b, strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(ours(x), theirs(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", sorted(parity.SETTINGS))
+def test_settings_equal_fastssls_spec_and_independent_steps(method, tmp_path):
+    from fastssl.config import load_config
+
+    s = parity.SETTINGS[method]()
+    args = parity.argparse.Namespace(data=str(tmp_path), epochs=1, seed=0, precision="fp32", threads=1,
+                                     fastssl_override=[])
+    cfg = load_config(s.recipe, parity.fastssl_overrides(s, args, tmp_path / "run"))
+    parity.check_same_views(s, cfg)  # raises SystemExit when fastssl would train other views
+    # Two steps of the independent method on random views: the loss is finite and the update runs.
+    s.width = 2
+    model = parity.build_independent(s)
+    model.steps_per_epoch = 1
+    opt = torch.optim.SGD(parity.param_groups(model, s.weight_decay, False), lr=s.lr, momentum=0.9)
+    for step in range(2):
+        views = [torch.randn(4, 3, v.size, v.size) for v in s.views]
+        loss = model.loss(views)
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        if hasattr(model, "before_update"):
+            model.before_update(step)
+        opt.step()
+        model.after_step(step, 2)
+
+
+def test_check_same_views_refuses_a_different_spec(tmp_path):
+    from fastssl.config import load_config
+
+    s = parity.SETTINGS["byol"]()
+    args = parity.argparse.Namespace(data=str(tmp_path), epochs=1, seed=0, precision="fp32", threads=1,
+                                     fastssl_override=["data.aug.gray_p=0.5"])
+    cfg = load_config(s.recipe, parity.fastssl_overrides(s, args, tmp_path / "run"))
+    with pytest.raises(SystemExit, match="gray_p"):
+        parity.check_same_views(s, cfg)
+
+
+def test_parity_runs_end_to_end_and_writes_json_and_png(tmp_path):
+    from fastssl.convert import convert
+
+    data = tmp_path / "fmnist"
+    convert("fashion-mnist", data, limit={"train": 128, "val": 64}, workers=0, progress=False)
+    out = tmp_path / "out"
+    rc = parity.main(["--method", "byol", "--epochs", "2", "--data", str(data), "--out", str(out),
+                      "--width", "2", "--batch-size", "64", "--workers", "0"])
+    assert rc == 0
+    result = json.loads((out / "parity.json").read_text())
+    for side in ("fastssl", "independent"):
+        knn = result[side]["knn_top1"]
+        assert len(knn) == 2 and all(0.0 <= k <= 100.0 for k in knn)
+    assert len(result["gap_points"]) == 2
+    assert (out / "parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
