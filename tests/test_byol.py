@@ -42,13 +42,23 @@ def test_byol_loss_is_symmetric_sum_of_normalized_mse():
     v1, v2 = torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16)
     loss, logs = method([v1, v2])
     # The same computation written out: online predictions vs target projections of the other view.
-    p = method.predictor(method.projector(method.backbone(torch.cat([v1, v2]))))
+    p1, p2 = (method.predictor(method.projector(method.backbone(v))) for v in (v1, v2))
     with torch.no_grad():
-        z = method.target_projector(method.target_backbone(torch.cat([v1, v2])))
-    p1, p2, z1, z2 = *p.chunk(2), *z.chunk(2)
+        z1, z2 = (method.target_projector(method.target_backbone(v)) for v in (v1, v2))
     expected = (normalized_mse_ref(p1, z2) + normalized_mse_ref(p2, z1)).mean()
     torch.testing.assert_close(loss, expected)
     assert 0.0 <= loss.item() <= 8.0 and logs["loss"] == loss.detach()
+
+
+def test_byol_normalizes_each_view_with_its_own_batch_statistics():
+    # The paper's implementation forwards each view alone; a view's predictions must not depend on the other
+    # view's images through shared BatchNorm statistics (issue 18: sharing them learned 2.7 points slower).
+    method = _byol()
+    seen = []
+    method.backbone.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[0]))
+    v1, v2 = torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16)
+    method([v1, v2])
+    assert seen == [6, 6]  # one online forward per view, never the 12 rows of both views at once
 
 
 def test_byol_target_gets_no_gradient_and_follows_ema():

@@ -39,9 +39,12 @@ class BYOL(SSLMethod):
 
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
         v1, v2 = views[0], views[1]  # BYOL uses the two global views
-        p1, p2 = self.forward_by_resolution(self._online, [v1, v2])
+        # One forward per view, as the paper's implementation: BatchNorm normalizes each view with its own batch
+        # statistics. Concatenating the views (one forward, shared statistics) learned slower: after 1 epoch on
+        # Fashion-MNIST 74.7 % kNN vs 77.4 % per view, the independent BYOL 78.6 % (BENCHMARKS.md, issue 18).
+        p1, p2 = self._online(v1), self._online(v2)
         with torch.no_grad():
-            z1, z2 = self.forward_by_resolution(self._target, [v1, v2])
+            z1, z2 = self._target(v1), self._target(v2)
         loss = (normalized_mse(p1, z2) + normalized_mse(p2, z1)).mean()
         return loss, {"loss": loss.detach(), "tau": self.tau}
 
