@@ -89,9 +89,13 @@ if [[ ${FORCE:-0} != 1 && -f $stamp && $(<"$stamp") == "$key" ]]; then
     say "python packages up to date (pyproject.toml unchanged since the last install)"
 else
     rm -f "$stamp"
+    # Into a log (not a terminal), pip's hundreds of "Collecting ..." lines would bury the demo's output: -q
+    # keeps its warnings and errors only.
+    pip_quiet=()
+    if [[ ! -t 1 ]]; then pip_quiet=(-q); fi
     say "installing: pip install -e .[$EXTRAS] (first time: several minutes)"
-    "$VENV/bin/python" -m pip install --upgrade pip setuptools wheel
-    "$VENV/bin/python" -m pip install -e ".[$EXTRAS]"
+    "$VENV/bin/python" -m pip install "${pip_quiet[@]}" --upgrade pip setuptools wheel
+    "$VENV/bin/python" -m pip install "${pip_quiet[@]}" -e ".[$EXTRAS]"
     modules=(torch torchvision fastssl pipelines)
     if [[ ,$EXTRAS, == *,dali-* ]]; then modules+=(nvidia.dali); fi
     if [[ ,$EXTRAS, == *,ffcv,* ]]; then modules+=(ffcv ffcv._libffcv cv2 numba); fi
