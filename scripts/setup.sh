@@ -82,6 +82,20 @@ else
     fi
 fi
 
+# Into a log (not a terminal), pip's hundreds of "Collecting ..." lines would bury the demo's output: -q keeps
+# its warnings and errors, and the warning a pip config repeats for each package (an index folder that is not
+# there) is counted into one line. On a terminal pip prints as usual.
+pip_install() {
+    if [[ -t 1 ]]; then
+        "$VENV/bin/python" -m pip install "$@"
+    else
+        "$VENV/bin/python" -m pip install -q "$@" 2>&1 | awk '
+            /is ignored: it is neither a file nor a directory/ { n++; next }
+            { print; fflush() }
+            END { if (n) printf "[setup] pip: %d warnings about configured index folders that do not exist here\n", n }'
+    fi
+}
+
 # --- 3. the package and its extras ----------------------------------------------------------------
 stamp=$VENV/.fastssl-setup-stamp
 key="$(sha256sum pyproject.toml | cut -d' ' -f1) extras=$EXTRAS"
@@ -89,13 +103,9 @@ if [[ ${FORCE:-0} != 1 && -f $stamp && $(<"$stamp") == "$key" ]]; then
     say "python packages up to date (pyproject.toml unchanged since the last install)"
 else
     rm -f "$stamp"
-    # Into a log (not a terminal), pip's hundreds of "Collecting ..." lines would bury the demo's output: -q
-    # keeps its warnings and errors only.
-    pip_quiet=()
-    if [[ ! -t 1 ]]; then pip_quiet=(-q); fi
     say "installing: pip install -e .[$EXTRAS] (first time: several minutes)"
-    "$VENV/bin/python" -m pip install "${pip_quiet[@]}" --upgrade pip setuptools wheel
-    "$VENV/bin/python" -m pip install "${pip_quiet[@]}" -e ".[$EXTRAS]"
+    pip_install --upgrade pip setuptools wheel
+    pip_install -e ".[$EXTRAS]"
     modules=(torch torchvision fastssl pipelines)
     if [[ ,$EXTRAS, == *,dali-* ]]; then modules+=(nvidia.dali); fi
     if [[ ,$EXTRAS, == *,ffcv,* ]]; then modules+=(ffcv ffcv._libffcv cv2 numba); fi
