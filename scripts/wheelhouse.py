@@ -7,8 +7,8 @@ Run it on a machine with a package index. DIR receives, for a Linux x86_64 node 
 
 - fastssl itself (``pip wheel --no-deps`` of this checkout) with its extras dali-cu13, ffcv and codec:
   DALI (nvidia-dali-cuda130) and the NVIDIA libraries it needs, FFCV, TorchCodec, OmegaConf and the rest
-  of the runtime dependencies; and what ``scripts/gpu_check.py`` runs with (``--tools``: pytest, scipy,
-  scikit-image);
+  of the runtime dependencies; and what ``scripts/gpu_check.py`` runs with (``--tools``: pytest, pytest-timeout, scipy,
+  scikit-image, matplotlib: the CPU test suite runs there too);
 - FFCV (and any other dependency PyPI has no wheel of for that Python) built from source with that
   Python's interpreter (pyenv's, or ``--interpreter``) and, when it holds native code, made self-contained
   with auditwheel: the shared libraries it links (libturbojpeg, OpenCV) are copied into the wheel;
@@ -63,7 +63,7 @@ INSTALLER = "install_offline.sh"
 EXTRAS = ("dali-cu13", "ffcv", "codec")
 DEFAULT_EXCLUDE = "torch,torchvision,triton"
 # What scripts/gpu_check.py needs beyond fastssl's runtime: the test runner and the test and bench-image deps.
-DEFAULT_TOOLS = "pytest,scipy,scikit-image"
+DEFAULT_TOOLS = "pytest,pytest-timeout,scipy,scikit-image,matplotlib"  # the CPU suite's needs (dev extra less ruff)
 
 
 def log(msg: str) -> None:
