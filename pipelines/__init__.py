@@ -221,11 +221,9 @@ class Loader:
         Raises ``DatasetFormatError`` naming ``where`` (its file and sample) unless ``skip_bad_samples``; else
         records it, for ``bad_samples`` once that batch is yielded. The backend then replaces the sample
         (``replacements``)."""
-        message = f"{where} does not decode ({reason})"
         if not self.skip_bad_samples:
-            raise DatasetFormatError(f"{message}; the file was damaged after conversion: rerun fastssl-convert "
-                                     "(training skips such samples up to data.max_bad_samples)")
-        self._batch_bad.setdefault(batch, []).append((int(sample_id), message))
+            raise undecodable(where, reason)
+        self._batch_bad.setdefault(batch, []).append((int(sample_id), f"{where} does not decode ({reason})"))
 
 
     # ---- shared photometric stage -----------------------------------------------------------
@@ -240,6 +238,12 @@ class Loader:
             gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank, batch, i, STREAM_PHOTO))
             views.append(apply_photometric(x, view, self.spec.mean, self.spec.std, gen, inplace=True))
         return views
+
+
+def undecodable(where: str, reason: str) -> DatasetFormatError:
+    """The error for a sample whose bytes do not decode, ``where`` naming its file and sample (every backend's)."""
+    return DatasetFormatError(f"{where} does not decode ({reason}); the file was damaged after conversion: rerun "
+                              "fastssl-convert (training skips such samples up to data.max_bad_samples)")
 
 
 def replacements(bad: np.ndarray, what: str = "a batch") -> np.ndarray:

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipelines import STREAM_CROP, STREAM_WORKERS, Batch, Loader, derive_seed, prefetch, replacements
+from pipelines import STREAM_CROP, STREAM_WORKERS, Batch, Loader, derive_seed, prefetch, replacements, undecodable
 from pipelines.formats import DatasetFormatError, iter_samples, load_manifest, shard_counts, shard_paths
 from pipelines.progress import progress_bar
 from pipelines.spec import MultiCropSpec
@@ -283,9 +283,7 @@ class _CropDataset(Dataset):
     def _bad(self, pos: int, reason: str) -> tuple[int, str, str]:
         """A sample that does not decode: raise naming it, or (with ``skip_bad``) describe it for the loader."""
         if not self.skip_bad:
-            raise DatasetFormatError(f"{self.where(pos)} does not decode ({reason}); the file was damaged after "
-                                     "conversion: rerun fastssl-convert (training skips such samples up to "
-                                     "data.max_bad_samples)")
+            raise undecodable(self.where(pos), reason)
         return int(self.sample_ids[pos]), self.where(pos), reason
 
     def _raw_items(self, keys: list[tuple[int, int]]) -> tuple:
@@ -535,9 +533,7 @@ class TorchLoader(Loader):
     def _ram_bad(self, pos: int, reason: str) -> None:
         """A sample the RAM-cache fill could not decode: an error naming it, or (skipping) noted for its batches."""
         if not self.skip_bad_samples:
-            raise DatasetFormatError(f"{self._where(pos)} does not decode ({reason}); the file was damaged after "
-                                     "conversion: rerun fastssl-convert (training skips such samples up to "
-                                     "data.max_bad_samples)")
+            raise undecodable(self._where(pos), reason)
         self._bad_pos[pos] = True
         self._bad_why[pos] = reason
 
