@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="recipe name in fastssl/configs or a YAML path")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=256")
+    parser.add_argument("--no-results", action="store_true",
+                        help="do not print the results as a JSON line at the end (OUT_DIR/knn.json keeps the kNN)")
     args = parser.parse_intermixed_args(argv)  # overrides may stand before or after --config
     try:
         cfg = load_config(args.config, args.overrides)
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(e.exit_code, f"fastssl/train.py: {e}\n" if main_rank else None)
     except TrainingDiverged as e:
         parser.exit(1, f"fastssl/train.py: error: {e}\n" if main_rank else None)
-    if main_rank:
+    if main_rank and not args.no_results:
         print(json.dumps(results))
     return 0
 

@@ -216,6 +216,29 @@ def view_transform(v: View) -> T.Compose:
     return T.Compose(ops)
 
 
+class FastsslViews:
+    """fastssl's training loader (``pipelines.build_loader`` with fastssl's view spec) as a plain iterable of
+    view lists, one epoch per ``iter``: ``--source fastssl`` trains the independent model on fastssl's views,
+    which tells a gap that comes from the data pipeline from one that comes from the trainer and model."""
+
+    def __init__(self, cfg, batch: int, seed: int):
+        import pipelines
+        from fastssl.engine.trainer import build_spec
+
+        self.loader = pipelines.build_loader(cfg.data.path, build_spec(cfg), batch, split="train", device="cpu",
+                                             backend="torch", seed=seed, cache=cfg.data.cache, progress=False)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.loader.set_epoch(self.epoch)
+        self.epoch += 1
+        for batch in self.loader:
+            yield [v.expand(-1, 3, -1, -1).contiguous() for v in batch.views]
+
+
 class MultiViewDataset(torch.utils.data.Dataset):
     def __init__(self, images: np.ndarray, views: list[View]):
         self.images, self.transforms = images, [view_transform(v) for v in views]
@@ -513,11 +536,14 @@ def run_independent(s: Settings, args: argparse.Namespace, cfg, out: Path) -> di
     np.random.seed(args.seed)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    images, _ = read_idx_split("train") if args.source == "idx" else read_shards(Path(args.data), "train")
-    dataset = MultiViewDataset(images, s.views)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=s.batch, shuffle=True, drop_last=True,
-                                         num_workers=args.workers, persistent_workers=args.workers > 0,
-                                         generator=torch.Generator().manual_seed(args.seed))
+    if args.source == "fastssl":  # a diagnosis: the independent model and loop on fastssl's own views
+        loader = FastsslViews(cfg, s.batch, args.seed)
+    else:
+        images, _ = read_idx_split("train") if args.source == "idx" else read_shards(Path(args.data), "train")
+        dataset = MultiViewDataset(images, s.views)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=s.batch, shuffle=True, drop_last=True,
+                                             num_workers=args.workers, persistent_workers=args.workers > 0,
+                                             generator=torch.Generator().manual_seed(args.seed))
     model = build_independent(s)
     opt = torch.optim.SGD(param_groups(model, s.weight_decay, args.indep_decay_all), lr=s.lr, momentum=s.momentum)
     if hasattr(model, "steps_per_epoch"):
@@ -611,8 +637,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--log-every", type=int, default=20, help="the independent side prints every N steps (0: never)")
-    p.add_argument("--source", choices=("shards", "idx"), default="shards",
-                   help="the independent side's images: the converted JPEG shards, or the raw IDX files")
+    p.add_argument("--source", choices=("shards", "idx", "fastssl"), default="shards",
+                   help="the independent side's images: the converted JPEG shards, or the raw IDX files (both "
+                        "through torchvision), or fastssl's own loader and views (a diagnosis)")
     p.add_argument("--indep-decay-all", action="store_true",
                    help="the independent side decays biases and BN parameters too")
     p.add_argument("--fastssl-override", action="append", default=[], metavar="KEY=VALUE",

@@ -19,3 +19,42 @@ def test_demo_trains_and_reports_knn_before_and_after(tiny_gray_dataset, tmp_pat
         in text
     assert "at random init" in text and "after BYOL, 2 steps" in text
     assert (out / "knn.json").is_file()
+
+
+def test_plan_ranks_gives_each_cpu_core_a_rank_while_batchnorm_keeps_64_images_per_view():
+    assert demo.plan_ranks(128, cores=2, cuda=False) == (2, 1)
+    assert demo.plan_ranks(128, cores=1, cuda=False) == (1, 0)
+    assert demo.plan_ranks(128, cores=16, cuda=False) == (2, 8)  # 128 // 64 ranks at most, the cores as threads
+    assert demo.plan_ranks(256, cores=3, cuda=False) == (2, 1)  # 3 ranks would not divide the batch
+    assert demo.plan_ranks(512, cores=6, cuda=False) == (4, 1)
+    assert demo.plan_ranks(128, cores=64, cuda=True) == (1, 0)  # a GPU trains in one process
+
+
+def test_demo_trains_data_parallel_in_two_processes(tiny_gray_dataset, tmp_path):
+    """The CPU path `make demo` takes on a 2-core machine: two single-thread ranks, a kNN before and after."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo"
+    argv = ["--ranks", "2", f"data.path={tiny_gray_dataset}", f"out_dir={out}", "train.max_steps=3", "model.width=4",
+            "method.proj_hidden=32", "method.proj_dim=16", "method.pred_hidden=32", "train.batch_size=16",
+            "data.num_workers=0", "train.progress=false", "eval.batch_size=64"]
+    repo = str(demo.Path(demo.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "fastssl.demo", *argv], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "batch 16, 2 processes x 1 thread(s)" in proc.stdout
+    assert "after BYOL, 3 steps" in proc.stdout
+    assert '"weight_digests"' not in proc.stdout  # the ranks' results line is the demo's to summarize, not print
+    assert "Traceback" not in proc.stderr, proc.stderr
+    cfg = (out / "config.yaml").read_text()
+    assert "threads: 1" in cfg
+    rows = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"step": 3' in line]
+    assert rows, "the run did not reach step 3"
+
+
+def test_demo_reports_a_bad_rank_count():
+    assert demo.main(["--ranks", "0"]) == 2
+    assert demo.main(["--ranks"]) == 2

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -496,21 +498,39 @@ class Trainer:
         NCCL collective, which would time out on a large dataset). ``backbone`` defaults to the trained one.
         """
         backbone = backbone if backbone is not None else self.method.backbone
-        cfg = self.cfg
         top1 = float("nan")
         if self.dist.is_main:
-            manifest = load_manifest(cfg.data.path)
-            feats = {}
-            for split, loader in self._eval_loaders().items():
-                seen = len(loader.bad_samples)
-                feats[split] = extract_features(backbone, _limit(loader, cfg.eval.knn_max_train)
-                                                if split == "train" else loader, cfg.train.precision)
-                for msg in list(loader.bad_samples.values())[seen:]:  # once each: the loaders live for the run
-                    progress.write(f"warning: kNN evaluation: skipped a bad sample, replaced by the next one: {msg}")
-            top1 = knn_top1(*feats["train"], *feats["val"], k=cfg.eval.knn_k, temperature=cfg.eval.knn_t,
-                            num_classes=len(manifest["classes"]))
+            with _all_local_cores(self.device, self.dist.world_size):
+                top1 = self._knn_top1(backbone)
         distributed.wait_for_main()
         return top1
+
+    def _knn_top1(self, backbone: nn.Module) -> float:
+        cfg = self.cfg
+        manifest = load_manifest(cfg.data.path)
+        feats = {}
+        for split, loader in self._eval_loaders().items():
+            seen = len(loader.bad_samples)
+            feats[split] = extract_features(backbone, _limit(loader, cfg.eval.knn_max_train)
+                                            if split == "train" else loader, cfg.train.precision)
+            for msg in list(loader.bad_samples.values())[seen:]:  # once each: the loaders live for the run
+                progress.write(f"warning: kNN evaluation: skipped a bad sample, replaced by the next one: {msg}")
+        return knn_top1(*feats["train"], *feats["val"], k=cfg.eval.knn_k, temperature=cfg.eval.knn_t,
+                        num_classes=len(manifest["classes"]))
+
+
+@contextlib.contextmanager
+def _all_local_cores(device: torch.device, world_size: int):
+    """Rank 0 works alone (the kNN evaluation) while the other ranks of this host wait: on a CPU it borrows their
+    intra-op threads meanwhile (LOCAL_WORLD_SIZE x its own), and gives them back after."""
+    local = min(world_size, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    before = torch.get_num_threads()
+    if device.type == "cpu" and local > 1:
+        torch.set_num_threads(before * local)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def check_dataset(cfg: DictConfig, world_size: int = 1) -> None:
