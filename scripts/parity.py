@@ -479,6 +479,26 @@ def build_independent(s: Settings) -> nn.Module:
     return cls(s.width, **s.heads)
 
 
+def copy_fastssl_init(model: nn.Module, cfg, seed: int) -> None:
+    """Give the independent model fastssl's initial weights for ``seed`` (fastssl's trainer seeds, then builds):
+    every tensor of the same name is copied; the independent heads' first-Linear biases (fastssl's have none:
+    the BN after them absorbs a bias) start at zero. A diagnosis: it takes the initialization out of a gap."""
+    from fastssl.engine.trainer import build_model
+
+    torch.manual_seed(seed)
+    copy_weights(model, build_model(cfg).state_dict())
+
+
+def copy_weights(model: nn.Module, theirs: dict) -> None:
+    """Load fastssl's state dict ``theirs`` into the independent ``model`` (names are shared; the independent
+    heads' first-Linear biases, which fastssl's heads do not have, are set to zero)."""
+    ours = model.state_dict()
+    missing = [k for k in ours if k not in theirs and not k.endswith(".bias")]
+    if missing:
+        raise SystemExit(f"parity: fastssl's model has no tensor for {missing[:3]}")
+    model.load_state_dict({k: theirs[k].clone() if k in theirs else torch.zeros_like(v) for k, v in ours.items()})
+
+
 def param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list[dict]:
     """Weight decay on weight matrices and kernels only (biases and BN spared), or on everything."""
     decay, spare = [], []
@@ -545,6 +565,10 @@ def run_independent(s: Settings, args: argparse.Namespace, cfg, out: Path) -> di
                                              num_workers=args.workers, persistent_workers=args.workers > 0,
                                              generator=torch.Generator().manual_seed(args.seed))
     model = build_independent(s)
+    if args.indep_init == "fastssl":
+        copy_fastssl_init(model, cfg, args.seed)
+    if args.indep_channels_last:
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(param_groups(model, s.weight_decay, args.indep_decay_all), lr=s.lr, momentum=s.momentum)
     if hasattr(model, "steps_per_epoch"):
         model.steps_per_epoch = len(loader)
@@ -555,6 +579,8 @@ def run_independent(s: Settings, args: argparse.Namespace, cfg, out: Path) -> di
         t0 = time.perf_counter()
         model.train()
         for views in loader:
+            if args.indep_channels_last:
+                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
             with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
                 loss = model.loss(views)
             opt.zero_grad(set_to_none=True)
@@ -642,6 +668,10 @@ def main(argv: list[str] | None = None) -> int:
                         "through torchvision), or fastssl's own loader and views (a diagnosis)")
     p.add_argument("--indep-decay-all", action="store_true",
                    help="the independent side decays biases and BN parameters too")
+    p.add_argument("--indep-init", choices=("own", "fastssl"), default="own",
+                   help="the independent model's initial weights: its own, or fastssl's for the same seed")
+    p.add_argument("--indep-channels-last", action="store_true",
+                   help="the independent side in channels-last memory format, as fastssl (a diagnosis)")
     p.add_argument("--fastssl-override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra fastssl override (a hypothesis probe; recorded in the JSON)")
     args = p.parse_args(argv)

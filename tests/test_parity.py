@@ -147,3 +147,54 @@ def test_parity_runs_end_to_end_and_writes_json_and_png(tmp_path):
         assert len(knn) == 2 and all(0.0 <= k <= 100.0 for k in knn)
     assert len(result["gap_points"]) == 2
     assert (out / "parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||: BYOL's gradients sum terms that nearly cancel, so single elements near zero differ in
+    their last digits between two correct orders of summation; whole tensors agree to ~1e-6 in fp32."""
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def test_fastssl_byol_steps_equal_the_independent_steps_from_the_same_weights(tiny_gray_dataset, tmp_path):
+    """Issue 18's diagnosis as a test: from the same initial weights and views, three steps of fastssl's Trainer
+    (BYOL forward per view, loss, SGD with its parameter groups, EMA with the cosine tau) and of the independent
+    loop give the same loss, the same gradients and the same online and target weights (fp32, contiguous).
+    A defect in any of them (a shared-BN forward, a missing term, the EMA a step off) breaks it."""
+    from fastssl.config import load_config
+    from fastssl.engine.trainer import Trainer
+
+    s = parity.SETTINGS["byol"]()
+    s.width, s.batch = 4, 16
+    s.heads.update(proj_hidden=32, proj_dim=16, pred_hidden=32)
+    args = parity.argparse.Namespace(data=str(tiny_gray_dataset), epochs=1, seed=0, precision="fp32", threads=1,
+                                     fastssl_override=["train.channels_last=false", "data.num_workers=0"])
+    cfg = load_config(s.recipe, parity.fastssl_overrides(s, args, tmp_path / "run"))
+    trainer = Trainer(cfg)
+    trainer._setup()
+    ours = parity.build_independent(s)
+    parity.copy_weights(ours, trainer.method.state_dict())
+    opt = torch.optim.SGD(parity.param_groups(ours, s.weight_decay, False), lr=s.lr, momentum=s.momentum)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(3):
+        views = [torch.rand(s.batch, 3, 32, 32, generator=gen) * 2 - 1 for _ in range(2)]
+        trainer.step = step
+        loss_fastssl, _ = trainer._train_step([v.clone() for v in views])
+        loss_ours = ours.loss(views)
+        opt.zero_grad(set_to_none=True)
+        loss_ours.backward()
+        opt.step()
+        ours.after_step(step, trainer.total_steps)
+        assert loss_fastssl.item() == pytest.approx(loss_ours.item(), rel=1e-5)
+        grads = dict(ours.named_parameters())
+        for name, p in trainer.method.named_parameters():
+            if p.grad is None:
+                continue
+            if name == "projector.3.bias":  # the predictor's BN removes any shift of z: a zero gradient, up to rounding
+                scale = grads["projector.3.weight"].grad.norm()
+                assert p.grad.norm() < 1e-4 * scale and grads[name].grad.norm() < 1e-4 * scale
+                continue
+            assert _rel(p.grad, grads[name].grad) < 1e-3, (step, name, _rel(p.grad, grads[name].grad))
+        theirs = ours.state_dict()
+        for name, t in trainer.method.state_dict().items():
+            if name in theirs and t.is_floating_point() and "running" not in name:
+                assert _rel(t, theirs[name]) < 1e-4, (step, name, _rel(t, theirs[name]))
