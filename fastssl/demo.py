@@ -156,15 +156,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         steps = results["steps"]
     total = time.perf_counter() - t0
-    init, ssl = results["knn_top1_init"], results["knn_top1"]
+    init, ssl = results.get("knn_top1_init"), results["knn_top1"]  # no init figure with eval.knn_init=false
     print()
     splits = load_manifest(data)["splits"]
     limit = cfg.eval.knn_max_train
     bank = f"{splits['train']['count']:,d}" if not 0 < limit < splits["train"]["count"] else f"the first {limit:,d}+"
     print(f"{data.name} weighted kNN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_t}; bank: {bank} train, "
           f"queries: {splits['val']['count']:,d} test images)")
-    print(f"  {cfg.model.backbone} (width {cfg.model.width}) at random init : {init:6.2f} %")
-    print(f"  after BYOL, {steps} steps        : {ssl:6.2f} %   ({ssl - init:+.2f} points)")
+    if init is not None:
+        print(f"  {cfg.model.backbone} (width {cfg.model.width}) at random init : {init:6.2f} %")
+    gain = f"   ({ssl - init:+.2f} points)" if init is not None else ""
+    print(f"  after BYOL, {steps} steps        : {ssl:6.2f} %{gain}")
     print(f"wall time: {total / 60:.1f} min (conversion {t_convert:.0f} s); run folder: {cfg.out_dir}")
     return 0
 

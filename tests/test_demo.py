@@ -58,3 +58,13 @@ def test_demo_trains_data_parallel_in_two_processes(tiny_gray_dataset, tmp_path)
 def test_demo_reports_a_bad_rank_count():
     assert demo.main(["--ranks", "0"]) == 2
     assert demo.main(["--ranks"]) == 2
+
+
+def test_demo_without_the_init_evaluation_reports_the_trained_knn_only(tiny_gray_dataset, tmp_path, capsys):
+    argv = ["--ranks", "1", f"data.path={tiny_gray_dataset}", f"out_dir={tmp_path / 'demo'}", "train.max_steps=1",
+            "model.width=4", "method.proj_hidden=32", "method.proj_dim=16", "method.pred_hidden=32",
+            "train.batch_size=16", "data.num_workers=0", "train.progress=false", "eval.batch_size=64",
+            "eval.knn_init=false"]
+    assert demo.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "at random init" not in text and "after BYOL, 1 steps" in text and "points)" not in text
