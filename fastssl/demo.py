@@ -5,9 +5,10 @@ of the trained backbone with the same backbone at random initialization.
 
 On a CPU the demo trains data-parallel: one process per core (``torch.distributed`` over gloo, as
 ``torchrun --nproc-per-node N fastssl/train.py`` would), each with a single intra-op thread. The recipe's
-small convolutions use one thread well and two threads poorly, so on the 2-core machine two single-thread
-ranks train about X times faster than one process with two threads (BENCHMARKS.md, "The demo"). Ranks are
-capped so that each one's BatchNorm still sees at least ``MIN_RANK_BATCH`` images per view.
+small convolutions use one thread well and two threads poorly: on the 2-core machine two single-thread ranks
+train 1.5x faster than one process with two threads (5.58 against 3.68 step/s, same recipe and kNN; BENCHMARKS.md,
+"The demo against raw pixels"). Ranks are capped so that each one's BatchNorm still sees at least
+``MIN_RANK_BATCH`` images per view.
 """
 
 from __future__ import annotations

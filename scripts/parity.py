@@ -597,7 +597,7 @@ def run_independent(s: Settings, args: argparse.Namespace, cfg, out: Path) -> di
         knn.append(evaluate(model.backbone))
         print(f"independent {s.method} epoch {epoch + 1}: loss {loss.item():.4f} kNN {knn[-1]:.2f} %", flush=True)
     return {"knn_top1": knn, "img_s": step * s.batch / max(train_time, 1e-9), "source": args.source,
-            "decay_all": args.indep_decay_all}
+            "decay_all": args.indep_decay_all, "init": args.indep_init, "channels_last": args.indep_channels_last}
 
 
 # ---- report -------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ def test_demo_trains_and_reports_knn_before_and_after(tiny_gray_dataset, tmp_pat
     assert demo.main(argv) == 0
     text = capsys.readouterr().out
     assert f"Using the converted dataset in {tiny_gray_dataset}" in text
-    assert "Training byol_resnet18_fmnist: 4 epochs (at most 2 steps), batch 16" in text
+    assert "Training byol_resnet18_fmnist: 7 epochs (at most 2 steps), batch 16" in text
     # the bank and queries are the dataset's own counts (96 train, 32 val), not Fashion-MNIST's
     assert f"{tiny_gray_dataset.name} weighted kNN top-1 (k=20, T=0.07; bank: 96 train, queries: 32 test images)" \
         in text
