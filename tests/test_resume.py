@@ -585,7 +585,8 @@ def test_config_changes_at_resume_are_sorted_into_accepted_and_refused():
     assert {k for k, c in changes.items() if c.accepted} == {
         "optim.base_lr", "train.log_every", "train.epochs", "eval.knn_k", "data.num_workers", "out_dir",
         "resume_allow_changes"}
-    assert str(changes["method.base_tau"]) == "method.base_tau: 0.99 -> 0.5 (changes what is trained)"
+    tau = saved["method"]["base_tau"]  # the recipe's
+    assert str(changes["method.base_tau"]) == f"method.base_tau: {tau} -> 0.5 (changes what is trained)"
     assert "allowed by resume_allow_changes" in str(changes["optim.base_lr"])
     assert "schedules now end at epoch 8" in str(changes["train.epochs"])
     shorter = resume_changes(saved, load_config("byol_resnet18_fmnist", ["train.epochs=2"]))
@@ -612,7 +613,8 @@ def test_resume_with_a_changed_config_lists_every_difference_and_refuses_what_ch
     assert exc.value.code == 2 and "Traceback" not in captured.err
     err = captured.err
     assert "step-000002.pt: this config changes what the checkpoint's run trains" in err, err
-    assert "  method.base_tau: 0.99 -> 0.5 (changes what is trained)" in err
+    tau = load_config("byol_resnet18_fmnist").method.base_tau  # the recipe's
+    assert f"  method.base_tau: {tau} -> 0.5 (changes what is trained)" in err
     assert "  train.batch_size: 16 -> 8 (changes what is trained)" in err
     assert "resume_allow_changes=[method.base_tau,train.batch_size]" in err and "resume=none" in err
     assert "train.log_every" not in err  # not in the refusal: it would have been accepted
@@ -632,7 +634,7 @@ def test_resume_with_a_changed_config_lists_every_difference_and_refuses_what_ch
     results = _fit(tiny_gray_dataset, out, **{"train.max_steps": 5, "train.log_every": 2, "train.epochs": 4,
                                               "method.base_tau": 0.5, "resume_allow_changes": "[method.base_tau]"})
     assert results["steps"] == 5
-    assert "method.base_tau: 0.99 -> 0.5 (allowed by resume_allow_changes)" in capsys.readouterr().out
+    assert f"method.base_tau: {tau} -> 0.5 (allowed by resume_allow_changes)" in capsys.readouterr().out
     assert load_checkpoint(out / "checkpoints" / "last.pt")["config"]["method"]["base_tau"] == 0.5
 
 
