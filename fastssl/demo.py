@@ -56,7 +56,10 @@ def launch_ranks(ranks: int, threads: int, overrides: list[str]) -> int:
                LOCAL_WORLD_SIZE=str(ranks), OMP_NUM_THREADS=str(threads))
     cmd = [sys.executable, "-m", "fastssl.train", "--no-results", "--config", RECIPE,
            f"train.threads={threads}", *overrides]
-    procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(ranks)]
+    # Their own process group: a Ctrl-C at the terminal reaches the demo alone, which passes it on once (a rank
+    # that got it twice, from the terminal and from here, could take the second as "stop now, no checkpoint").
+    procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), process_group=0)
+             for r in range(ranks)]
 
     def forward(signum, _frame):
         for p in procs:

@@ -68,3 +68,34 @@ def test_demo_without_the_init_evaluation_reports_the_trained_knn_only(tiny_gray
     assert demo.main(argv) == 0
     text = capsys.readouterr().out
     assert "at random init" not in text and "after BYOL, 1 steps" in text and "points)" not in text
+
+
+def test_demo_stopped_by_sigint_checkpoints_every_rank_once(tiny_gray_dataset, tmp_path):
+    """SIGINT to the demo (what Ctrl-C sends it: the ranks have their own process group) reaches each rank once:
+    they finish the step, save a checkpoint and exit 130 (a second SIGINT would stop them without one)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "demo"
+    argv = ["--ranks", "2", f"data.path={tiny_gray_dataset}", f"out_dir={out}", "train.max_steps=100000",
+            "train.epochs=100000", "model.width=4", "method.proj_hidden=32", "method.proj_dim=16",
+            "method.pred_hidden=32", "train.batch_size=16", "data.num_workers=0", "eval.batch_size=64",
+            "train.log_every=5"]
+    repo = str(demo.Path(demo.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, "-m", "fastssl.demo", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path, start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "slow"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole foreground process group
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, text
+    assert "stopped by SIGINT after step" in text and "Traceback" not in text, text
+    assert "signal again to stop at once" in text and "without a checkpoint)\n" in text
+    assert any(p.name.startswith("step-") for p in (out / "checkpoints").iterdir())
