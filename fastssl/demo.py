@@ -26,10 +26,6 @@ RECIPE = "byol_resnet18_fmnist"
 MIN_RANK_BATCH = 64
 
 
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def plan_ranks(batch_size: int, cores: int, cuda: bool) -> tuple[int, int]:
     """(ranks, intra-op threads per rank) for the demo on this machine. A GPU trains in one process; a CPU
     gets one rank per core, at most ``batch_size // MIN_RANK_BATCH`` ranks, and a number of ranks that
@@ -88,6 +84,7 @@ def launch_ranks(ranks: int, threads: int, overrides: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import pipelines
     from fastssl.config import ConfigError, load_config
     from fastssl.convert import ConvertError, convert
     from pipelines.formats import load_manifest
@@ -124,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     t_convert = time.perf_counter() - t0
     import torch
 
-    cores = usable_cores()
+    cores = pipelines.usable_cpus()
     cuda = torch.cuda.is_available()
     planned, threads = plan_ranks(cfg.train.batch_size, cores, cuda)
     ranks = planned if ranks is None else ranks

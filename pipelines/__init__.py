@@ -54,6 +54,17 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on: its affinity mask where the OS keeps one, else the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cpus_per_local_rank() -> int:
+    """This rank's share of :func:`usable_cpus`: divided among torchrun's ranks on this host (LOCAL_WORLD_SIZE);
+    0 when there are more ranks than cores."""
+    return usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def derive_seed(*keys: int) -> int:
     """A 63-bit seed from integer keys (seed, epoch, rank, ...); nearby keys give unrelated streams.
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines import STREAM_CROP, STREAM_PHOTO, Batch, Loader, derive_seed, replacements
+from pipelines import STREAM_CROP, STREAM_PHOTO, Batch, Loader, cpus_per_local_rank, derive_seed, replacements
 from pipelines.formats import DatasetFormatError, load_manifest, shard_counts, shard_paths
 from pipelines.photometric import JITTER_OPS, blur_kernel_size, sample_photometric_params
 from pipelines.spec import MultiCropSpec, ViewSpec
@@ -44,9 +44,7 @@ _NO_BLUR_SIGMA = 1e-3  # a Gaussian this narrow is a delta at any pixel spacing:
 
 def default_num_threads() -> int:
     """DALI CPU threads per rank: this rank's share of the cores, at most 8."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(8, cpus // local_ranks))
+    return max(1, min(8, cpus_per_local_rank()))
 
 
 def jpeg_size(jpeg: bytes) -> tuple[int, int]:

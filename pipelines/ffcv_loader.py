@@ -65,7 +65,7 @@ import torch
 from numba import njit
 from PIL import Image
 
-from pipelines import STREAM_CROP, Batch, Loader, derive_seed, prefetch, replacements
+from pipelines import STREAM_CROP, Batch, Loader, cpus_per_local_rank, derive_seed, prefetch, replacements
 from pipelines.formats import (
     DatasetFormatError,
     beton_name,
@@ -446,9 +446,7 @@ def write_betons(folder: str | os.PathLike, manifest: dict, *, max_side: int = D
 # ---- the loader ------------------------------------------------------------------------------------
 def default_num_threads() -> int:
     """Decode threads per rank: this rank's share of the cores, at most 8."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(8, cpus // local_ranks))
+    return max(1, min(8, cpus_per_local_rank()))
 
 
 

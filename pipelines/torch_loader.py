@@ -46,7 +46,17 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipelines import STREAM_CROP, STREAM_WORKERS, Batch, Loader, derive_seed, prefetch, replacements, undecodable
+from pipelines import (
+    STREAM_CROP,
+    STREAM_WORKERS,
+    Batch,
+    Loader,
+    cpus_per_local_rank,
+    derive_seed,
+    prefetch,
+    replacements,
+    undecodable,
+)
 from pipelines.formats import DatasetFormatError, iter_samples, load_manifest, shard_counts, shard_paths
 from pipelines.progress import progress_bar
 from pipelines.spec import MultiCropSpec
@@ -390,9 +400,7 @@ class _PlanSampler:
 
 def default_num_workers() -> int:
     """Decode processes per rank: this rank's share of the cores, one left for the main process, at most 8."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(8, cpus // local_ranks - 1))
+    return max(1, min(8, cpus_per_local_rank() - 1))
 
 
 class TorchLoader(Loader):

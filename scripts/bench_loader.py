@@ -63,10 +63,6 @@ EXTRA = ("pil", "decode")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".JPG", ".JPEG")
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _load() -> float:
     return round(os.getloadavg()[0], 2)
 
@@ -126,7 +122,8 @@ def convert_once(images: Path, work: Path | None, want_ffcv: bool) -> tuple[Path
     dst.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     # max_side above any real image: every JPEG is stored byte for byte, so all backends read the same bytes.
-    conv.convert(images, dst, max_side=1 << 16, workers=_cores(), overwrite=True, progress=True, **kwargs)
+    conv.convert(images, dst, max_side=1 << 16, workers=pipelines.usable_cpus(), overwrite=True, progress=True,
+                 **kwargs)
     notes.append(f"converted {images} -> {dst} in {time.perf_counter() - t0:.1f} s (formats {','.join(formats)})")
     return dst, notes
 
@@ -397,7 +394,7 @@ def _machine(device: torch.device) -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    info = {"cpu": cpu, "cores": _cores(), "torch_threads": torch.get_num_threads(),
+    info = {"cpu": cpu, "cores": pipelines.usable_cpus(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__, "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -518,7 +515,7 @@ def main(argv: list[str] | None = None) -> dict:
     data, notes = convert_once(args.images, args.work, want_ffcv="ffcv" in runnable)
     for note in notes:
         print(f"note: {note}", flush=True)
-    cores = _cores()
+    cores = pipelines.usable_cpus()
 
     def maker(name, s=spec):
         if name in EXTRA:

@@ -480,9 +480,8 @@ def build_independent(s: Settings) -> nn.Module:
 
 
 def copy_fastssl_init(model: nn.Module, cfg, seed: int) -> None:
-    """Give the independent model fastssl's initial weights for ``seed`` (fastssl's trainer seeds, then builds):
-    every tensor of the same name is copied; the independent heads' first-Linear biases (fastssl's have none:
-    the BN after them absorbs a bias) start at zero. A diagnosis: it takes the initialization out of a gap."""
+    """Give the independent model fastssl's initial weights for ``seed`` (fastssl's trainer seeds, then builds;
+    see :func:`copy_weights`). A diagnosis: it takes the initialization out of a gap."""
     from fastssl.engine.trainer import build_model
 
     torch.manual_seed(seed)

@@ -3,7 +3,6 @@ optional Weights & Biases sink (used only when ``wandb`` is installed and ``eval
 
 from __future__ import annotations
 
-import os
 import statistics
 import uuid
 from collections.abc import Sequence
@@ -11,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines import progress
+from pipelines import progress, usable_cpus
 
 DATA_WAIT_THRESHOLD_PCT = 10.0  # of the step time
 DATA_WAIT_WINDOWS = 10  # log windows looked at together, and at least this many between two warnings
@@ -79,7 +78,7 @@ def loader_facts(loader) -> dict:
     module = type(loader).__module__.rsplit(".", 1)[-1]
     backend = module.removesuffix("_loader") if module.endswith("_loader") else module
     workers = getattr(loader, "num_workers", getattr(loader, "num_threads", None))
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = usable_cpus()
     return {"backend": backend, "num_workers": workers, "ram_cache": getattr(loader, "mode", None) == "ram",
             "cpus": cpus, "device_decode": getattr(loader, "decode", "host") == "device"}
 
