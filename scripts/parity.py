@@ -647,6 +647,102 @@ def report(out: Path, method: str) -> dict | None:
     return result
 
 
+def _read_run(run: Path) -> dict:
+    """One parity run's two sides (``fastssl.json`` + ``independent.json`` in ``run``)."""
+    sides = {}
+    for name in ("fastssl", "independent"):
+        path = run / f"{name}.json"
+        if not path.is_file():
+            raise SystemExit(f"parity: {path} is missing: run that side first (--impl {name} --out {run})")
+        sides[name] = json.loads(path.read_text())
+    return sides
+
+
+def summarize(runs: list[Path], out: Path) -> dict:
+    """Seeds of one method, each a folder with both sides: per-epoch mean and spread of each side, the gap of
+    every seed and its mean (with the standard error), ``summary.json`` + ``summary.png`` + a markdown table.
+
+    Single runs of a few epochs differ by 1-4 points of kNN from one seed to the next (initial weights, data
+    order, augmentation draws), so a gap between two single runs says little; the mean gap over paired seeds
+    (both sides of a pair from the same initial weights, ``--indep-init fastssl``) is what the bar reads."""
+    if len(runs) < 2:
+        raise SystemExit("parity: --summarize needs at least two run folders (one per seed)")
+    per_run = [_read_run(r) for r in runs]
+    methods = {r["fastssl"].get("settings", {}).get("method") for r in per_run} | \
+        {r["independent"].get("settings", {}).get("method") for r in per_run}
+    if len(methods) != 1:
+        raise SystemExit(f"parity: the runs mix methods {sorted(map(str, methods))}; summarize one method at a time")
+    first = per_run[0]["fastssl"]
+    for run, r in zip(runs, per_run, strict=True):
+        for name in ("fastssl", "independent"):
+            for key in ("settings", "precision", "epochs"):
+                if r[name].get(key) != first.get(key):
+                    raise SystemExit(f"parity: {run / (name + '.json')}: its {key} differs from {runs[0]}'s; "
+                                     "summarize runs of the same settings only")
+    seeds = [r["fastssl"].get("seed") for r in per_run]
+    for run, r in zip(runs, per_run, strict=True):
+        if r["independent"].get("seed") != r["fastssl"].get("seed"):
+            raise SystemExit(f"parity: {run}: the two sides ran with different seeds")
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"parity: the runs repeat a seed ({seeds}); give one folder per seed")
+    n = min(min(len(r["fastssl"]["knn_top1"]), len(r["independent"]["knn_top1"])) for r in per_run)
+    if n == 0:
+        raise SystemExit("parity: a run has no kNN figure yet")
+    f = np.array([r["fastssl"]["knn_top1"][:n] for r in per_run])
+    i = np.array([r["independent"]["knn_top1"][:n] for r in per_run])
+    gap = f - i
+    k = len(runs)
+    sem = gap.std(axis=0, ddof=1) / math.sqrt(k)
+    result = {
+        "method": methods.pop(), "seeds": seeds, "runs": [str(r) for r in runs],
+        "init": sorted({str(r["independent"].get("init")) for r in per_run}),
+        "fastssl": {"per_seed": f.round(2).tolist(), "mean": f.mean(0).round(2).tolist(),
+                    "std": f.std(0, ddof=1).round(2).tolist(),
+                    "img_s": [r["fastssl"].get("img_s") for r in per_run]},
+        "independent": {"per_seed": i.round(2).tolist(), "mean": i.mean(0).round(2).tolist(),
+                        "std": i.std(0, ddof=1).round(2).tolist(),
+                        "img_s": [r["independent"].get("img_s") for r in per_run]},
+        "gap_points": {"per_seed": gap.round(2).tolist(), "mean": gap.mean(0).round(2).tolist(),
+                       "sem": sem.round(2).tolist()},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "summary.json", (json.dumps(result, indent=2) + "\n").encode())
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = np.arange(1, n + 1)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name, values, style in (("fastssl", f, "o-"), ("independent (plain PyTorch)", i, "s--")):
+        line, = ax.plot(epochs, values.mean(0), style, label=f"{name}, mean of {k} seeds")
+        ax.fill_between(epochs, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
+        for row in values:
+            ax.plot(epochs, row, style[1:], color=line.get_color(), alpha=0.35, linewidth=0.8)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("weighted 20-NN top-1 (%)")
+    ax.set_title(f"{result['method']}: fastssl vs independent ({k} seeds; band = min-max)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = out / "summary.png.tmp"
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out / "summary.png")
+
+    head = " | ".join(f"epoch {e}" for e in epochs)
+    print(f"\n| {result['method']}, seeds {seeds} | {head} |")
+    print("|---|" + "---:|" * n)
+    for name, values in (("independent", i), ("fastssl", f)):
+        for seed, row in zip(seeds, values, strict=True):
+            print(f"| {name}, seed {seed} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+        print(f"| **{name}, mean** | " + " | ".join(f"{v:.2f}" for v in values.mean(0)) + " |")
+    print("| **gap, mean +- s.e. (points)** | "
+          + " | ".join(f"{g:+.2f} +- {s:.2f}" for g, s in zip(gap.mean(0), sem, strict=True)) + " |")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--method", choices=sorted(SETTINGS), required=True)
@@ -655,6 +751,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="output folder (default runs/parity/METHOD)")
     p.add_argument("--impl", choices=("both", "fastssl", "independent"), default="both")
     p.add_argument("--report", action="store_true", help="only merge the two sides' JSON into parity.json/png")
+    p.add_argument("--summarize", nargs="+", metavar="RUN", default=None,
+                   help="only summarize finished runs of one method, one folder per seed, into --out "
+                        "(summary.json, summary.png: mean, spread and the mean gap)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="both sides (autocast)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each side")
@@ -675,6 +774,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra fastssl override (a hypothesis probe; recorded in the JSON)")
     args = p.parse_args(argv)
     args.data = str(Path(args.data).resolve())
+    if args.summarize:
+        out = Path(args.out or REPO / "runs" / "parity" / f"{args.method}_seeds").resolve()
+        result = summarize([Path(r).resolve() for r in args.summarize], out)
+        if result["method"] != args.method:
+            raise SystemExit(f"parity: the runs are {result['method']}, not --method {args.method}")
+        return 0
     out = Path(args.out or REPO / "runs" / "parity" / args.method).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.report:

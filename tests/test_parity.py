@@ -198,3 +198,50 @@ def test_fastssl_byol_steps_equal_the_independent_steps_from_the_same_weights(ti
         for name, t in trainer.method.state_dict().items():
             if name in theirs and t.is_floating_point() and "running" not in name:
                 assert _rel(t, theirs[name]) < 1e-4, (step, name, _rel(t, theirs[name]))
+
+
+def _fake_run(folder: Path, seed: int, fastssl: list[float], independent: list[float],
+              changed: dict | None = None) -> Path:
+    """A finished parity run's two JSON files; ``changed`` = {side: {key: value}} edits one side's record."""
+    settings = {"method": "byol", "width": 16}
+    folder.mkdir(parents=True)
+    for name, knn in (("fastssl", fastssl), ("independent", independent)):
+        doc = {"settings": settings, "epochs": len(knn), "seed": seed, "precision": "bf16", "knn_top1": knn,
+               "img_s": 100.0, **({"init": "fastssl"} if name == "independent" else {})}
+        doc.update((changed or {}).get(name, {}))
+        (folder / f"{name}.json").write_text(json.dumps(doc))
+    return folder
+
+
+def test_summarize_gives_the_seed_means_and_the_mean_gap(tmp_path, capsys):
+    runs = [_fake_run(tmp_path / "s0", 0, [76.0, 80.0], [75.0, 81.0]),
+            _fake_run(tmp_path / "s1", 1, [75.0, 81.0], [77.0, 80.0]),
+            _fake_run(tmp_path / "s2", 2, [78.0, 82.5], [77.0, 82.0])]
+    out = tmp_path / "summary"
+    rc = parity.main(["--method", "byol", "--summarize", *map(str, runs), "--out", str(out)])
+    assert rc == 0
+    result = json.loads((out / "summary.json").read_text())
+    assert result["seeds"] == [0, 1, 2]
+    assert result["fastssl"]["mean"] == [pytest.approx(76.33, abs=0.01), pytest.approx(81.17, abs=0.01)]
+    assert result["independent"]["mean"] == [pytest.approx(76.33, abs=0.01), pytest.approx(81.0, abs=0.01)]
+    assert result["gap_points"]["per_seed"] == [[1.0, -1.0], [-2.0, 1.0], [1.0, 0.5]]
+    assert result["gap_points"]["mean"] == [0.0, pytest.approx(0.17, abs=0.01)]
+    # standard error of the mean gap at epoch 1: sample std of (1, -2, 1) = sqrt(3), / sqrt(3) = 1
+    assert result["gap_points"]["sem"][0] == pytest.approx(1.0, abs=0.01)
+    assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "+0.00 +- 1.00" in capsys.readouterr().out
+
+
+def test_summarize_refuses_mixed_settings_repeated_seeds_and_missing_sides(tmp_path):
+    a = _fake_run(tmp_path / "a", 0, [76.0], [75.0])
+    b = _fake_run(tmp_path / "b", 0, [75.0], [77.0])
+    with pytest.raises(SystemExit, match="repeat a seed"):
+        parity.summarize([a, b], tmp_path / "out")
+    c = _fake_run(tmp_path / "c", 1, [75.0], [77.0], changed={"independent": {"precision": "fp32"}})
+    with pytest.raises(SystemExit, match="precision differs"):
+        parity.summarize([a, c], tmp_path / "out")
+    (c / "independent.json").unlink()
+    with pytest.raises(SystemExit, match="independent.json is missing"):
+        parity.summarize([a, c], tmp_path / "out")
+    with pytest.raises(SystemExit, match="at least two"):
+        parity.summarize([a], tmp_path / "out")
