@@ -342,20 +342,30 @@ class _SplitSamples:
     """One split's samples in shard order, indexable for FFCV's DatasetWriter: i -> (RGB uint8 (H, W, 3), label).
 
     Reads each JPEG by its offset in the shard (index from ``index_shard``); picklable, files opened per process.
+
+    A sample that does not read or decode must not raise here: DatasetWriter runs ``__getitem__`` in worker
+    processes and waits forever for a chunk whose worker died. It is recorded instead, one line per sample
+    appended to ``errors_path`` (O_APPEND: whole lines from any process), and a 1 x 1 black image stands in so
+    that the writer finishes; ``write_beton`` then throws the file away and raises, naming the samples.
     """
 
-    def __init__(self, shard_files: Sequence[str | os.PathLike]):
+    def __init__(self, shard_files: Sequence[str | os.PathLike], errors_path: str | os.PathLike | None = None):
         self.shard_files = [str(p) for p in shard_files]
         tables = [index_shard(p) for p in self.shard_files]
         self.shard_of = np.concatenate([np.full(len(t), s, dtype=np.int64) for s, t in enumerate(tables)])
         self.index = np.concatenate(tables) if tables else np.empty((0, 5), dtype=np.int64)
+        self.errors_path = None if errors_path is None else str(errors_path)
         self._fds: dict[int, int] = {}
         self._pid = -1
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+    def where(self, i: int) -> str:
+        """The sample's shard and id in the split (the loaders' way of naming a sample)."""
+        return f"{self.shard_files[int(self.shard_of[i])]}: sample {i}"
+
+    def _read(self, i: int) -> tuple[np.ndarray, int]:
         if self._pid != os.getpid():  # descriptors do not survive into DatasetWriter's worker processes
             self._fds, self._pid = {}, os.getpid()
         shard = int(self.shard_of[i])
@@ -367,6 +377,20 @@ class _SplitSamples:
         label = int(raw.decode()) if ascii_label else struct.unpack("<i", raw)[0]
         with Image.open(io.BytesIO(os.pread(fd, jpg_size, jpg_off))) as img:
             return np.asarray(img.convert("RGB")), label
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        if self.errors_path is None:
+            return self._read(i)
+        try:
+            return self._read(i)
+        except Exception as e:  # PIL and struct raise many types on damaged bytes: all are the same data error
+            line = f"{self.where(i)}\t{type(e).__name__}: {e}".replace("\n", " ") + "\n"
+            fd = os.open(self.errors_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+            return np.zeros((1, 1, 3), dtype=np.uint8), 0
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fds": {}, "_pid": -1}
@@ -402,15 +426,25 @@ def write_beton(path: str | os.PathLike, shard_files: Sequence[str | os.PathLike
     Returns ``{"name", "count", "bytes", "sha256"}`` for the manifest.
     """
     path = Path(path)
-    samples = _SplitSamples(shard_files)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    errors = path.parent / f".{path.name}.{os.getpid()}.errors"
+    samples = _SplitSamples(shard_files, errors)
     fields = {IMAGE_FIELD: RGBImageField(write_mode="jpg", max_resolution=max_side, jpeg_quality=quality),
               LABEL_FIELD: IntField()}
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     writer = None
     try:
+        with contextlib.suppress(FileNotFoundError):
+            errors.unlink()
         writer = DatasetWriter(str(tmp), fields, page_size=_page_size(max_side), num_workers=max(1, workers))
         with _writer_progress(progress, path.name):
             writer.from_indexed_dataset(samples, chunksize=64)
+        if errors.exists():
+            bad = sorted(errors.read_text().splitlines())
+            listed = "; ".join(line.replace("\t", " does not decode: ") for line in bad[:5])
+            raise DatasetFormatError(
+                f"{path}: not written: {len(bad)} sample(s) of the shards do not decode ({listed}"
+                f"{'; ...' if len(bad) > 5 else ''}); the shards were damaged after conversion: rerun "
+                "fastssl-convert --overwrite from the source images")
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -420,6 +454,8 @@ def write_beton(path: str | os.PathLike, shard_files: Sequence[str | os.PathLike
     except BaseException:
         if tmp.exists():
             tmp.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            errors.unlink()
         shared = getattr(writer, "metadata_sm", None)  # FFCV frees its shared metadata only on success
         if hasattr(shared, "unlink"):
             with contextlib.suppress(OSError):

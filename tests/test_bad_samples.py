@@ -37,17 +37,19 @@ def _damage(jpeg: bytes, how: str) -> tuple[int, bytes]:
     return dht + 5, b"\xff" * 16
 
 
-def _damaged_copy(src: Path, dst: Path, how: str, ids=BAD) -> Path:
+def _damaged_copy(src: Path, dst: Path, how: str, ids=BAD, betons: bool = True) -> Path:
     """A copy of the converted dataset ``src`` with the JPEGs of ``ids`` damaged in place inside their shard
-    (and, when FFCV is installed, a .beton written from the clean shards and damaged alike)."""
+    (and, when FFCV is installed and ``betons``, a .beton written from the clean shards and damaged alike)."""
     shutil.copytree(src, dst)
     manifest = load_manifest(dst)
+    beton = None
     try:
-        from pipelines.ffcv_loader import write_betons
+        if betons:
+            from pipelines.ffcv_loader import write_betons
 
-        manifest["ffcv"] = write_betons(dst, manifest, workers=1)
-        write_manifest(dst, manifest)
-        beton = build_loader(dst, SPEC, 8, backend="ffcv", num_workers=1)
+            manifest["ffcv"] = write_betons(dst, manifest, workers=1)
+            write_manifest(dst, manifest)
+            beton = build_loader(dst, SPEC, 8, backend="ffcv", num_workers=1)
     except ImportError:
         beton = None
     shards = shard_paths(dst, "train", manifest)
@@ -179,3 +181,23 @@ def test_a_whole_batch_of_bad_samples_is_an_error(tiny_gray_dataset, tmp_path):
         for batch in loader:
             seen.append(batch)
     assert len(seen) == 5  # the batches before it were fine
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("how", ["header", "huffman"])
+def test_writing_a_beton_from_a_damaged_shard_names_the_samples_and_writes_nothing(tiny_gray_dataset, tmp_path,
+                                                                                   how):
+    """FFCV's writer decodes in worker processes and used to wait forever for the chunk of a worker that died on
+    the damaged JPEG; now the write fails at once, naming every damaged sample, and leaves no file behind."""
+    pytest.importorskip("ffcv")
+    from pipelines.ffcv_loader import write_betons
+
+    data = _damaged_copy(tiny_gray_dataset, tmp_path / "data", how, betons=False)
+    before = sorted(p.name for p in data.iterdir())
+    with pytest.raises(DatasetFormatError) as err:
+        write_betons(data, load_manifest(data), workers=2)
+    message = str(err.value)
+    for sample in BAD:
+        assert f"{data / 'train-00001.tar'}: sample {sample} does not decode" in message
+    assert "train.beton: not written: 2 sample(s)" in message and "rerun fastssl-convert --overwrite" in message
+    assert sorted(p.name for p in data.iterdir()) == before  # no beton, no temp file, no error list

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from fastssl.convert.errors import ConvertError, output_error
+from fastssl.convert.errors import ConvertError, OutputError, output_error
 from fastssl.convert.find import FASHION_MNIST, parse_limits, plan_fashion_mnist, plan_imagefolder
 from fastssl.convert.image import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, DEFAULT_QUALITY
 from fastssl.convert.report import PROG
@@ -26,7 +26,7 @@ from fastssl.convert.write import (
     prepare_dst,
     remove_stale_outputs,
 )
-from pipelines.formats import FORMAT_NAME, FORMAT_VERSION, beton_name, write_manifest
+from pipelines.formats import FORMAT_NAME, FORMAT_VERSION, DatasetFormatError, beton_name, write_manifest
 
 
 def default_workers() -> int:
@@ -150,8 +150,11 @@ def _convert_planned(source, src, dst, journal, settings, workers, progress, wri
     if write_betons is not None:
         if progress:
             print(f"{PROG}: writing {', '.join(beton_name(s) for s in splits)}", file=sys.stderr)
-        ffcv = write_betons(dst, {"splits": splits}, max_side=ffcv_max_side, quality=ffcv_quality,
-                            workers=max(1, workers), progress=progress)
+        try:
+            ffcv = write_betons(dst, {"splits": splits}, max_side=ffcv_max_side, quality=ffcv_quality,
+                                workers=max(1, workers), progress=progress)
+        except DatasetFormatError as e:  # a shard (of an earlier, resumed run) damaged on disk since
+            raise OutputError(str(e)) from e
         written |= {f["name"] for f in ffcv["files"].values()}
     remove_stale_outputs(dst, written)
     manifest = {
