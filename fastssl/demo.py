@@ -146,15 +146,15 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         steps = results["step"]
     else:
-        from fastssl.engine.trainer import run
+        from fastssl.train import run_reporting
 
         if threads and threads != cfg.train.threads:
             cfg = load_config(RECIPE, [f"train.threads={threads}", *overrides])
-        try:
-            results = run(cfg)
-        except ConfigError as e:  # the run's start-up checks (the dataset, a resume of runs/demo with another config)
-            print(f"fastssl demo: error: {e}", file=sys.stderr)
-            return 2
+        # the run's start-up checks (the dataset, a resume of runs/demo with another config), a damaged sample
+        # beyond data.max_bad_samples, a divergence or a stop (SIGTERM, Ctrl-C: checkpoint, then 128 + signal)
+        status, results = run_reporting(cfg, "fastssl demo")
+        if status:
+            return status
         steps = results["steps"]
     total = time.perf_counter() - t0
     init, ssl = results.get("knn_top1_init"), results["knn_top1"]  # no init figure with eval.knn_init=false

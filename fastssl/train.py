@@ -26,6 +26,40 @@ if __package__ in (None, ""):
         sys.path[0] = os.path.dirname(_here)
 
 
+def run_reporting(cfg, prog: str) -> tuple[int, dict | None]:
+    """``run(cfg)`` with the user-facing ends of a run: (exit status, results or None). An error or a stop is
+    printed as one line on stderr without a traceback (a data error on every rank: each names what it found;
+    the others on rank 0 only); the status is 0, 1 (diverged), 2 (config or data) or 128 + a signal's number."""
+    from fastssl.config import ConfigError
+    from fastssl.engine.trainer import TrainingDiverged, TrainingInterrupted, run
+    from pipelines.formats import DatasetFormatError
+
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+
+    def say(message: str, everywhere: bool = False) -> None:
+        if main_rank or everywhere:
+            print(f"{prog}: {message}", file=sys.stderr, flush=True)
+
+    try:
+        return 0, run(cfg)
+    except DatasetFormatError as e:  # a rank's shard may be the broken one: every rank says what it found
+        say(f"error: {e}", everywhere=True)
+        return 2, None
+    except ConfigError as e:  # the start-of-run checks (data, resume), alike on every rank: nothing trained yet
+        say(f"error: {e}")
+        return 2, None
+    except TrainingInterrupted as e:  # SIGTERM / SIGINT: checkpoint written, every rank stopped at the same step
+        if e.signals is not None:  # prints the resume hint on rank 0, unless a late signal already did
+            e.signals.report()
+            e.signals.ignore_late_signals()
+        else:
+            say(str(e))
+        return e.exit_code, None
+    except TrainingDiverged as e:
+        say(f"error: {e}")
+        return 1, None
+
+
 def main(argv: list[str] | None = None) -> int:
     from fastssl.config import ConfigError, load_config
 
@@ -40,25 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         parser.exit(2, f"fastssl/train.py: error: {e}\n")
-    from fastssl.engine.trainer import TrainingDiverged, TrainingInterrupted, run
-    from pipelines.formats import DatasetFormatError
-
-    main_rank = int(os.environ.get("RANK", "0")) == 0
-    try:
-        results = run(cfg)
-    except DatasetFormatError as e:  # a rank's shard may be the broken one: every rank says what it found
-        parser.exit(2, f"fastssl/train.py: error: {e}\n")
-    except ConfigError as e:  # the start-of-run checks (data, resume), alike on every rank: nothing trained yet
-        parser.exit(2, f"fastssl/train.py: error: {e}\n" if main_rank else None)
-    except TrainingInterrupted as e:  # SIGTERM / SIGINT: checkpoint written, every rank stopped at the same step
-        if e.signals is not None:  # prints the resume hint on rank 0, unless a late signal already did
-            e.signals.report()
-            e.signals.ignore_late_signals()
-            parser.exit(e.exit_code)
-        parser.exit(e.exit_code, f"fastssl/train.py: {e}\n" if main_rank else None)
-    except TrainingDiverged as e:
-        parser.exit(1, f"fastssl/train.py: error: {e}\n" if main_rank else None)
-    if main_rank and not args.no_results:
+    status, results = run_reporting(cfg, parser.prog)
+    if status:
+        parser.exit(status)
+    if int(os.environ.get("RANK", "0")) == 0 and not args.no_results:
         print(json.dumps(results))
     return 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from fastssl import demo
 
 
@@ -70,9 +72,11 @@ def test_demo_without_the_init_evaluation_reports_the_trained_knn_only(tiny_gray
     assert "at random init" not in text and "after BYOL, 1 steps" in text and "points)" not in text
 
 
-def test_demo_stopped_by_sigint_checkpoints_every_rank_once(tiny_gray_dataset, tmp_path):
+@pytest.mark.parametrize("ranks, signame", [(2, "SIGINT"), (1, "SIGINT"), (1, "SIGTERM")])
+def test_demo_stopped_by_a_signal_checkpoints_every_rank_once(tiny_gray_dataset, tmp_path, ranks, signame):
     """SIGINT to the demo (what Ctrl-C sends it: the ranks have their own process group) reaches each rank once:
-    they finish the step, save a checkpoint and exit 130 (a second SIGINT would stop them without one)."""
+    they finish the step, save a checkpoint and exit 128 + the signal (a second one would stop them without a
+    checkpoint). The one-process path (a GPU, one core, --ranks 1) used to end SIGTERM with a traceback."""
     import os
     import signal
     import subprocess
@@ -80,7 +84,7 @@ def test_demo_stopped_by_sigint_checkpoints_every_rank_once(tiny_gray_dataset, t
     import time
 
     out = tmp_path / "demo"
-    argv = ["--ranks", "2", f"data.path={tiny_gray_dataset}", f"out_dir={out}", "train.max_steps=100000",
+    argv = ["--ranks", str(ranks), f"data.path={tiny_gray_dataset}", f"out_dir={out}", "train.max_steps=100000",
             "train.epochs=100000", "model.width=4", "method.proj_hidden=32", "method.proj_dim=16",
             "method.pred_hidden=32", "train.batch_size=16", "data.num_workers=0", "eval.batch_size=64",
             "train.log_every=5"]
@@ -93,9 +97,13 @@ def test_demo_stopped_by_sigint_checkpoints_every_rank_once(tiny_gray_dataset, t
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "slow"
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole foreground process group
+    signum = getattr(signal, signame)
+    if signame == "SIGINT":
+        os.killpg(proc.pid, signum)  # a terminal's Ctrl-C: the whole foreground process group
+    else:
+        proc.send_signal(signum)  # a scheduler's stop: the demo process
     text, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, text
-    assert "stopped by SIGINT after step" in text and "Traceback" not in text, text
+    assert proc.returncode == 128 + signum, text
+    assert f"stopped by {signame} after step" in text and "Traceback" not in text, text
     assert "signal again to stop at once" in text and "without a checkpoint)\n" in text
     assert any(p.name.startswith("step-") for p in (out / "checkpoints").iterdir())
