@@ -155,6 +155,25 @@ def test_training_skips_bad_samples_counts_them_and_warns_once(tiny_gray_dataset
         assert out.count(f"train-00001.tar: sample {sample} does not decode") == 1, out
 
 
+def test_bad_samples_are_checkpointed_and_not_counted_again_after_a_resume(tiny_gray_dataset, tmp_path, capsys):
+    """Each distinct bad sample counts once toward data.max_bad_samples over a run and the runs it resumes: the
+    checkpoint keeps them, so epoch 2 of a resumed run meets them again without a second warning or count."""
+    import torch
+
+    data = _damaged_copy(tiny_gray_dataset, tmp_path / "data", "header")
+    out = tmp_path / "run"
+    first = _fit(data, out, **{"train.epochs": 1})
+    assert first["bad_samples"] == 2
+    state = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    assert sorted(int(k) for k in state["bad_samples"]) == list(BAD)
+    capsys.readouterr()
+    second = _fit(data, out, **{"train.epochs": 2, "data.max_bad_samples": 3})
+    assert second["steps"] == 12 and second["bad_samples"] == 2
+    assert "does not decode" not in capsys.readouterr().out  # warned in the first run, once each
+    events = [r for r in _rows(out) if r.get("event") == "bad_samples"]
+    assert sum(r["new"] for r in events) == 2 and max(r["step"] for r in events) <= 6
+
+
 def test_more_bad_samples_than_allowed_stop_the_run_with_a_message(tiny_gray_dataset, tmp_path):
     data = _damaged_copy(tiny_gray_dataset, tmp_path / "data", "header")
     message = r"bad samples \(that do not decode\) in .*: 2, more than data.max_bad_samples=1 "

@@ -57,7 +57,8 @@ class Trainer:
         self._skipped = ""  # why the last step's update was skipped: "nonfinite_loss", "nonfinite_grad" or ""
         self._bad_samples_seen = 0  # entries of loader.bad_samples already reported
         self._new_bad_samples = False  # some rank's batch held a bad sample not reported yet (all-reduced)
-        self.bad_sample_total = 0  # distinct bad samples met by all ranks (each replaced in its batch)
+        self.bad_samples: dict[int, str] = {}  # global id -> message: distinct bad samples met by all ranks
+        # (each replaced in its batch), this run and the runs it resumes (checkpointed: counted once each)
         self._stop_signum = 0  # > 0: every rank agreed to stop after this step (the signal's number)
         self._saved_step = -1
         self._eval_loader_cache: dict | None = None
@@ -153,6 +154,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "steps_per_epoch": self.steps_per_epoch,
             "bad_steps": dict(self.bad_steps),
+            "bad_samples": {str(k): v for k, v in self.bad_samples.items()},
         }
 
     def save(self) -> None:
@@ -230,6 +232,7 @@ class Trainer:
         if len(rngs) == self.dist.world_size:  # on another world size the streams cannot continue: keep fresh ones
             set_rng_state(rngs[self.dist.rank])
         self.bad_steps = {k: int(v) for k, v in state.get("bad_steps", self.bad_steps).items()}
+        self.bad_samples = {int(k): str(v) for k, v in state.get("bad_samples", {}).items()}
         if self.dist.is_main:
             progress.write(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
         return True
@@ -439,6 +442,10 @@ class Trainer:
                 f"{self.step - in_row}, and no checkpoint was written. The newest one is {self.checkpoints.last}. "
                 f"Look for NaN/inf in the data, lower optim.base_lr, or try train.precision=fp32.")
 
+    @property
+    def bad_sample_total(self) -> int:
+        return len(self.bad_samples)
+
     def _count_bad_samples(self, metrics) -> None:
         """After a step whose batch, on some rank, held a bad sample not met before (a flag of the step's
         all-reduce, so every rank comes here together): the ranks exchange their new ones, rank 0 warns once
@@ -446,10 +453,15 @@ class Trainer:
         "new", "bad_samples_total", "samples"}``, and past data.max_bad_samples the run stops on every rank."""
         if not self._new_bad_samples:
             return
-        found = list(self.loader.bad_samples.values())
+        found = list(self.loader.bad_samples.items())
         mine, self._bad_samples_seen = found[self._bad_samples_seen:], len(found)
-        new = [msg for rank_new in distributed.all_gather_objects(mine) for msg in rank_new]
-        self.bad_sample_total += len(new)
+        new = {}  # met again after a resume: known from the checkpoint, neither counted nor reported twice
+        for rank_new in distributed.all_gather_objects(mine):
+            new.update((int(k), msg) for k, msg in rank_new if int(k) not in self.bad_samples)
+        if not new:
+            return
+        self.bad_samples.update(new)
+        new = list(new.values())
         limit = self.cfg.data.max_bad_samples
         if self.dist.is_main:
             row = {"step": self.step, "epoch": self.epoch, "event": "bad_samples", "new": len(new),
