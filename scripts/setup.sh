@@ -84,15 +84,13 @@ fi
 
 # Into a log (not a terminal), pip's hundreds of "Collecting ..." lines would bury the demo's output: -q keeps
 # its warnings and errors, and the warning a pip config repeats for each package (an index folder that is not
-# there) is counted into one line. On a terminal pip prints as usual.
+# there) is counted into one line. setuptools' 10-line "Editable installation" notice for `pip install -e`
+# (a reminder, not a problem) becomes one line too. On a terminal pip prints as usual.
 pip_install() {
     if [[ -t 1 ]]; then
         "$VENV/bin/python" -m pip install "$@"
     else
-        "$VENV/bin/python" -m pip install -q "$@" 2>&1 | awk '
-            /is ignored: it is neither a file nor a directory/ { n++; next }
-            { print; fflush() }
-            END { if (n) printf "[setup] pip: %d warnings about configured index folders that do not exist here\n", n }'
+        "$VENV/bin/python" -m pip install -q "$@" 2>&1 | awk -f scripts/pip_quiet.awk
     fi
 }
 

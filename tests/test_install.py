@@ -202,3 +202,27 @@ print(json.dumps(got))
         (folder,) = ext.glob(f"{name}-*")
         assert str(site / "pipelines" / "csrc" / "") in (folder / "build.ninja").read_text(), name
     print("test_install seconds:", times)
+
+
+def test_setups_pip_filter_folds_the_known_notices_and_passes_everything_else():
+    """scripts/pip_quiet.awk on pip output as it reaches the demo's log (the notice text as setuptools 80 prints
+    it): the editable-install box and the repeated index-folder warnings become one line each; an error stays."""
+    import shutil
+    import subprocess
+
+    awk = shutil.which("awk")
+    if awk is None:
+        pytest.skip("no awk")
+    notice = (
+        "  /venv/lib/python3.11/site-packages/setuptools/command/editable_wheel.py:354: BuildBackendWarning: "
+        "Editable installation.\n  !!\n  \n          " + "*" * 80 + "\n"
+        "          Please be careful with folders in your working directory with the same\n"
+        "          name as your package as they may take precedence during imports.\n          " + "*" * 80 + "\n"
+        "  \n  !!\n    with strategy, WheelFile(wheel_path, \"w\") as wheel_obj:\n")
+    folder = "WARNING: Location '/srv/wheels' is ignored: it is neither a file nor a directory.\n"
+    text = folder + "Collected one line\n" + notice + folder + "ERROR: No matching distribution found for x\n"
+    out = subprocess.run([awk, "-f", str(ROOT / "scripts" / "pip_quiet.awk")], input=text, text=True,
+                         capture_output=True, check=True).stdout.splitlines()
+    assert out == ["Collected one line", "ERROR: No matching distribution found for x",
+                   "[setup] pip: 2 warnings about configured index folders that do not exist here",
+                   "[setup] pip: setuptools notes that the install is editable (imports read this checkout)"]
