@@ -358,6 +358,8 @@ def ema_(target: list[torch.Tensor], online: list[torch.Tensor], tau: float) -> 
 
 
 class IndependentBYOL(nn.Module):
+    loss_fp32 = False  # --indep-fp32-loss: the heads' outputs enter the loss in fp32 (as fastssl's do)
+
     def __init__(self, width: int, proj_hidden: int, proj_dim: int, pred_hidden: int, base_tau: float):
         super().__init__()
         self.backbone = SmallResNet18(width)
@@ -375,6 +377,8 @@ class IndependentBYOL(nn.Module):
         with torch.no_grad():
             z1 = self.target_projector(self.target_backbone(v1))
             z2 = self.target_projector(self.target_backbone(v2))
+        if self.loss_fp32:
+            p1, p2, z1, z2 = p1.float(), p2.float(), z1.float(), z2.float()
         return byol_loss(p1, z2.detach()) + byol_loss(p2, z1.detach())
 
     def after_step(self, k: int, total: int) -> None:
@@ -383,6 +387,8 @@ class IndependentBYOL(nn.Module):
 
 
 class IndependentSimCLR(nn.Module):
+    loss_fp32 = False  # --indep-fp32-loss
+
     def __init__(self, width: int, proj_hidden: int, proj_dim: int, temperature: float):
         super().__init__()
         self.backbone = SmallResNet18(width)
@@ -390,8 +396,10 @@ class IndependentSimCLR(nn.Module):
         self.temperature = temperature
 
     def loss(self, views: list[torch.Tensor]) -> torch.Tensor:
-        return simclr_loss(self.projector(self.backbone(views[0])), self.projector(self.backbone(views[1])),
-                           self.temperature)
+        z1, z2 = self.projector(self.backbone(views[0])), self.projector(self.backbone(views[1]))
+        if self.loss_fp32:
+            z1, z2 = z1.float(), z2.float()
+        return simclr_loss(z1, z2, self.temperature)
 
     def after_step(self, k: int, total: int) -> None:
         pass
@@ -564,6 +572,8 @@ def run_independent(s: Settings, args: argparse.Namespace, cfg, out: Path) -> di
                                              num_workers=args.workers, persistent_workers=args.workers > 0,
                                              generator=torch.Generator().manual_seed(args.seed))
     model = build_independent(s)
+    if args.indep_fp32_loss:  # MoCo v2's and SwAV's losses always take fp32 (their queues are fp32)
+        model.loss_fp32 = True
     if args.indep_init == "fastssl":
         copy_fastssl_init(model, cfg, args.seed)
     if args.indep_channels_last:
@@ -596,7 +606,8 @@ def run_independent(s: Settings, args: argparse.Namespace, cfg, out: Path) -> di
         knn.append(evaluate(model.backbone))
         print(f"independent {s.method} epoch {epoch + 1}: loss {loss.item():.4f} kNN {knn[-1]:.2f} %", flush=True)
     return {"knn_top1": knn, "img_s": step * s.batch / max(train_time, 1e-9), "source": args.source,
-            "decay_all": args.indep_decay_all, "init": args.indep_init, "channels_last": args.indep_channels_last}
+            "decay_all": args.indep_decay_all, "init": args.indep_init, "channels_last": args.indep_channels_last,
+            "fp32_loss": bool(args.indep_fp32_loss or s.method in ("mocov2", "swav"))}
 
 
 # ---- report -------------------------------------------------------------------------------------------------
@@ -672,11 +683,13 @@ def summarize(runs: list[Path], out: Path) -> dict:
         {r["independent"].get("settings", {}).get("method") for r in per_run}
     if len(methods) != 1:
         raise SystemExit(f"parity: the runs mix methods {sorted(map(str, methods))}; summarize one method at a time")
-    first = per_run[0]["fastssl"]
+    first = per_run[0]
     for run, r in zip(runs, per_run, strict=True):
         for name in ("fastssl", "independent"):
-            for key in ("settings", "precision", "epochs"):
-                if r[name].get(key) != first.get(key):
+            for key, default in (("settings", None), ("precision", None), ("epochs", None), ("fp32_loss", False)):
+                # every record against the first run's same side, and the two sides on the shared settings
+                theirs = first[name] if key == "fp32_loss" else first["fastssl"]
+                if r[name].get(key, default) != theirs.get(key, default):
                     raise SystemExit(f"parity: {run / (name + '.json')}: its {key} differs from {runs[0]}'s; "
                                      "summarize runs of the same settings only")
     seeds = [r["fastssl"].get("seed") for r in per_run]
@@ -770,6 +783,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the independent model's initial weights: its own, or fastssl's for the same seed")
     p.add_argument("--indep-channels-last", action="store_true",
                    help="the independent side in channels-last memory format, as fastssl (a diagnosis)")
+    p.add_argument("--indep-fp32-loss", action="store_true",
+                   help="the independent BYOL / SimCLR compute their loss in fp32 under bf16 autocast, as fastssl "
+                        "does (its MoCo v2 and SwAV always do); by default the heads' bf16 outputs enter the loss")
     p.add_argument("--fastssl-override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra fastssl override (a hypothesis probe; recorded in the JSON)")
     args = p.parse_args(argv)

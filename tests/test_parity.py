@@ -245,3 +245,28 @@ def test_summarize_refuses_mixed_settings_repeated_seeds_and_missing_sides(tmp_p
         parity.summarize([a, c], tmp_path / "out")
     with pytest.raises(SystemExit, match="at least two"):
         parity.summarize([a], tmp_path / "out")
+
+
+def test_summarize_refuses_runs_whose_independent_loss_precision_differs(tmp_path):
+    a = _fake_run(tmp_path / "a", 0, [76.0], [75.0])  # a record from before the option: bf16 loss
+    b = _fake_run(tmp_path / "b", 1, [75.0], [77.0], changed={"independent": {"fp32_loss": False}})
+    assert parity.summarize([a, b], tmp_path / "out")["seeds"] == [0, 1]
+    c = _fake_run(tmp_path / "c", 2, [75.0], [77.0], changed={"independent": {"fp32_loss": True}})
+    with pytest.raises(SystemExit, match="fp32_loss differs"):
+        parity.summarize([a, c], tmp_path / "out")
+
+
+def test_the_independent_fp32_loss_option_changes_only_the_loss_precision():
+    """--indep-fp32-loss: under bf16 autocast the BYOL loss of the same weights and views moves from the bf16
+    value towards the fp32 one (fastssl's loss upcasts the heads' outputs)."""
+    torch.manual_seed(0)
+    s = parity.SETTINGS["byol"]()
+    model = parity.build_independent(s).eval()
+    views = [torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)]
+    with torch.no_grad():
+        exact = model.loss(views).item()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model.loss(views).float().item()
+            model.loss_fp32 = True
+            high = model.loss(views).float().item()
+    assert abs(high - exact) < abs(low - exact)
