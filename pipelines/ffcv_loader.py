@@ -349,12 +349,12 @@ class _SplitSamples:
     that the writer finishes; ``write_beton`` then throws the file away and raises, naming the samples.
     """
 
-    def __init__(self, shard_files: Sequence[str | os.PathLike], errors_path: str | os.PathLike | None = None):
+    def __init__(self, shard_files: Sequence[str | os.PathLike], errors_path: str | os.PathLike):
         self.shard_files = [str(p) for p in shard_files]
         tables = [index_shard(p) for p in self.shard_files]
         self.shard_of = np.concatenate([np.full(len(t), s, dtype=np.int64) for s, t in enumerate(tables)])
         self.index = np.concatenate(tables) if tables else np.empty((0, 5), dtype=np.int64)
-        self.errors_path = None if errors_path is None else str(errors_path)
+        self.errors_path = str(errors_path)
         self._fds: dict[int, int] = {}
         self._pid = -1
 
@@ -379,8 +379,6 @@ class _SplitSamples:
             return np.asarray(img.convert("RGB")), label
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-        if self.errors_path is None:
-            return self._read(i)
         try:
             return self._read(i)
         except Exception as e:  # PIL and struct raise many types on damaged bytes: all are the same data error

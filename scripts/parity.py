@@ -618,6 +618,16 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _save_figure(fig, path: Path) -> None:
+    """``fig`` as a PNG at ``path``, atomically (temp file + rename), then closed."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def report(out: Path, method: str) -> dict | None:
     """Merge fastssl.json and independent.json into parity.json + parity.png; print the markdown table."""
     sides = {n: json.loads((out / f"{n}.json").read_text()) for n in ("fastssl", "independent")
@@ -645,10 +655,7 @@ def report(out: Path, method: str) -> dict | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out / "parity.png.tmp"
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out / "parity.png")
+    _save_figure(fig, out / "parity.png")
 
     print(f"\n| {method} | " + " | ".join(f"epoch {e + 1}" for e in range(n)) + " | img/s |")
     print("|---|" + "---:|" * (n + 1))
@@ -670,7 +677,7 @@ def _read_run(run: Path) -> dict:
     return sides
 
 
-def summarize(runs: list[Path], out: Path) -> dict:
+def summarize(runs: list[Path], out: Path, method: str | None = None) -> dict:
     """Seeds of one method, each a folder with both sides: per-epoch mean and spread of each side, the gap of
     every seed and its mean (with the standard error), ``summary.json`` + ``summary.png`` + a markdown table.
 
@@ -684,8 +691,12 @@ def summarize(runs: list[Path], out: Path) -> dict:
         {r["independent"].get("settings", {}).get("method") for r in per_run}
     if len(methods) != 1:
         raise SystemExit(f"parity: the runs mix methods {sorted(map(str, methods))}; summarize one method at a time")
+    if method is not None and methods != {method}:
+        raise SystemExit(f"parity: the runs are {methods.pop()}, not --method {method}")
     first = per_run[0]
     for run, r in zip(runs, per_run, strict=True):
+        if r["independent"].get("seed") != r["fastssl"].get("seed"):
+            raise SystemExit(f"parity: {run}: the two sides ran with different seeds")
         for name in ("fastssl", "independent"):
             for key, default in (("settings", None), ("precision", None), ("epochs", None), ("fp32_loss", False)):
                 # every record against the first run's same side, and the two sides on the shared settings
@@ -694,9 +705,6 @@ def summarize(runs: list[Path], out: Path) -> dict:
                     raise SystemExit(f"parity: {run / (name + '.json')}: its {key} differs from {runs[0]}'s; "
                                      "summarize runs of the same settings only")
     seeds = [r["fastssl"].get("seed") for r in per_run]
-    for run, r in zip(runs, per_run, strict=True):
-        if r["independent"].get("seed") != r["fastssl"].get("seed"):
-            raise SystemExit(f"parity: {run}: the two sides ran with different seeds")
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"parity: the runs repeat a seed ({seeds}); give one folder per seed")
     n = min(min(len(r["fastssl"]["knn_top1"]), len(r["independent"]["knn_top1"])) for r in per_run)
@@ -741,10 +749,7 @@ def summarize(runs: list[Path], out: Path) -> dict:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = out / "summary.png.tmp"
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out / "summary.png")
+    _save_figure(fig, out / "summary.png")
 
     head = " | ".join(f"epoch {e}" for e in epochs)
     print(f"\n| {result['method']}, seeds {seeds} | {head} |")
@@ -794,9 +799,7 @@ def main(argv: list[str] | None = None) -> int:
     args.data = str(Path(args.data).resolve())
     if args.summarize:
         out = Path(args.out or REPO / "runs" / "parity" / f"{args.method}_seeds").resolve()
-        result = summarize([Path(r).resolve() for r in args.summarize], out)
-        if result["method"] != args.method:
-            raise SystemExit(f"parity: the runs are {result['method']}, not --method {args.method}")
+        summarize([Path(r).resolve() for r in args.summarize], out, args.method)
         return 0
     out = Path(args.out or REPO / "runs" / "parity" / args.method).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -270,3 +270,10 @@ def test_the_independent_fp32_loss_option_changes_only_the_loss_precision():
             model.loss_fp32 = True
             high = model.loss(views).float().item()
     assert abs(high - exact) < abs(low - exact)
+
+
+def test_summarize_refuses_another_method_before_writing_anything(tmp_path):
+    runs = [_fake_run(tmp_path / "s0", 0, [76.0], [75.0]), _fake_run(tmp_path / "s1", 1, [75.0], [77.0])]
+    with pytest.raises(SystemExit, match="the runs are byol, not --method simclr"):
+        parity.main(["--method", "simclr", "--summarize", *map(str, runs), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "summary.json").exists()

@@ -455,13 +455,13 @@ class Trainer:
             return
         found = list(self.loader.bad_samples.items())
         mine, self._bad_samples_seen = found[self._bad_samples_seen:], len(found)
-        new = {}  # met again after a resume: known from the checkpoint, neither counted nor reported twice
+        fresh = {}  # met again after a resume: known from the checkpoint, neither counted nor reported twice
         for rank_new in distributed.all_gather_objects(mine):
-            new.update((int(k), msg) for k, msg in rank_new if int(k) not in self.bad_samples)
-        if not new:
+            fresh.update((k, msg) for k, msg in rank_new if k not in self.bad_samples)
+        if not fresh:
             return
-        self.bad_samples.update(new)
-        new = list(new.values())
+        self.bad_samples.update(fresh)
+        new = list(fresh.values())
         limit = self.cfg.data.max_bad_samples
         if self.dist.is_main:
             row = {"step": self.step, "epoch": self.epoch, "event": "bad_samples", "new": len(new),
