@@ -27,7 +27,8 @@ from pipelines.formats import DatasetFormatError
 from pipelines.photometric import apply_photometric
 from pipelines.spec import PRESETS, MultiCropSpec, ViewSpec
 
-__all__ = ["PRESETS", "Batch", "Loader", "MultiCropSpec", "ViewSpec", "build_loader", "derive_seed", "replacements"]
+__all__ = ["PRESETS", "Batch", "Loader", "MultiCropSpec", "ViewSpec", "build_loader", "derive_seed", "replacements",
+           "resolve_device"]
 
 
 class Batch(NamedTuple):
@@ -63,6 +64,21 @@ def cpus_per_local_rank() -> int:
     """This rank's share of :func:`usable_cpus`: divided among torchrun's ranks on this host (LOCAL_WORLD_SIZE);
     0 when there are more ranks than cores."""
     return usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` with its index made explicit: a bare "cuda" becomes the current CUDA device (``cuda:N``, N the
+    index ``torch.cuda.set_device`` chose: the local rank under torchrun), or ``cuda:0`` where CUDA is not
+    initialised here (a forced device string on a CPU machine).
+
+    Every device that enters pipelines goes through this once: ``torch.device("cuda", 0) != torch.device("cuda")``,
+    so a comparison with an output's device, or DALI's ``device_id``, would otherwise go wrong on a bare "cuda"
+    (or pick GPU 0 on a second rank).
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return dev
 
 
 def derive_seed(*keys: int) -> int:
@@ -133,7 +149,7 @@ class Loader:
         self.spec, self.batch_size = spec, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, int(seed)
         self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.counts = [int(c) for c in counts]
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         total, n_shards = int(self.offsets[-1]), len(self.counts)
@@ -425,7 +441,7 @@ def build_loader(
     training = augment and not spec.is_deterministic
     shuffle = training if shuffle is None else shuffle
     drop_last = training if drop_last is None else drop_last
-    device = torch.device(device)
+    device = resolve_device(device)
     name = _resolve_backend(backend, device)
     module, cls_name, _, _ = _BACKENDS[name]
     cls = getattr(importlib.import_module(module), cls_name)

@@ -116,6 +116,9 @@ class DaliLoader(Loader):
         self.dali_photometric = bool(dali_photometric)
         self.prefetch = int(prefetch)
         self.decoder_device = "mixed" if self.device.type == "cuda" else "cpu"
+        # The GPU DALI runs on: the loader's device, whose index the base class resolved (a bare "cuda" on a
+        # second rank is that rank's GPU, not GPU 0); None runs DALI CPU-only.
+        self.device_id = self.device.index if self.device.type == "cuda" else None
         self._index_samples()
         self._fds: dict[int, int] = {}
         self._undecodable: dict[int, str] = {}  # positions whose bytes DALI's decoder refused (see _iter_epoch)
@@ -213,9 +216,7 @@ class DaliLoader(Loader):
         views, mean, std = self.spec.views, self.spec.mean, self.spec.std
         n_photo = 7 if self.dali_photometric else 0
         n_inputs = 2 + 2 * len(views) + n_photo * len(views)
-        device_id = (self.device.index or 0) if self.device.type == "cuda" else None
-
-        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, device_id=device_id,
+        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
                       prefetch_queue_depth=self.prefetch, seed=derive_seed(self.seed, self.rank) % (1 << 31))
         def graph():
             inputs = fn.external_source(source=source, num_outputs=n_inputs, batch=True)

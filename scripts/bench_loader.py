@@ -493,7 +493,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = pipelines.resolve_device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                                      else args.device)
     names = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in names if b not in OURS + EXTRA]
     if unknown:

@@ -231,3 +231,28 @@ def test_an_epoch_reads_every_sample_when_shards_do_not_divide_by_the_world_size
     spec = MultiCropSpec.preset("byol", global_size=16)
     assert_epoch_reads_every_sample(lambda r: _dali(tiny_gray_dataset, spec, batch, rank=r, world_size=world_size,
                                                     seed=5), 96, world_size, batch, dataset_labels(tiny_gray_dataset))
+
+
+# ---- GPU paths checked without a GPU ------------------------------------------------------------------------
+def test_a_bare_cuda_device_builds_the_pipeline_on_the_ranks_own_gpu(tiny_dataset, monkeypatch):
+    """Under torchrun rank 1 of a node has set_device(1): a bare "cuda" is GPU 1, and DALI's device_id must say 1
+    (it said 0: ``(device.index or 0)``, so every rank's DALI ran on GPU 0)."""
+    import nvidia.dali
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    loader = DaliLoader(tiny_dataset, MultiCropSpec.preset("byol", global_size=16), 8, device="cuda", num_workers=1)
+    assert loader.device == torch.device("cuda", 1) and loader.decoder_device == "mixed"
+    seen = {}
+
+    class Built(Exception):
+        pass
+
+    def pipeline_def(**kwargs):
+        seen.update(kwargs)
+        raise Built
+
+    monkeypatch.setattr(nvidia.dali, "pipeline_def", pipeline_def)
+    with pytest.raises(Built):
+        loader.build_pipeline(iter([]))
+    assert seen["device_id"] == 1
