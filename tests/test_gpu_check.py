@@ -207,3 +207,37 @@ def test_bench_loader_passes_torch_decode_to_the_torch_backend(tiny_dataset, tmp
 
 def gc_script(name: str):
     return load_script(name, f"_{name}")
+
+
+def test_bench_loader_reports_the_training_threads_cpu_time_apart_from_waits_and_photometric():
+    """``measure``: per batch, the CPU time the iterating thread spends in the loader, the photometric stage's
+    share apart (only calls on that thread), and a wait for data (a sleep here) in the wall time only."""
+    import threading
+    import time
+
+    bench = gc_script("bench_loader")
+
+    def spin(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    class Loader:
+        def photometric(self, crops, epoch, b):
+            spin(0.02)
+            return crops
+
+    loader = Loader()
+
+    def stream():
+        while True:
+            time.sleep(0.05)  # waiting for a batch: not the thread's work
+            spin(0.01)  # the loader's own work on the thread
+            side = threading.Thread(target=loader.photometric, args=([], 0, 0))  # another thread's call: not counted
+            side.start()
+            side.join()
+            yield loader.photometric([], 0, 0)
+
+    _, details = bench.measure(lambda: (stream(), {}, loader), 1, 1, 3, bench.torch.device("cpu"))
+    t = details["thread"]
+    assert 8 <= t["thread_ms"] < 18 and 18 <= t["photometric_ms"] < 30 and t["next_wall_ms"] >= 50 + 8 + 18
