@@ -298,7 +298,8 @@ class DaliLoader(Loader):
                 labels = self._to_torch(outs[0]).reshape(-1).long()
                 # (B, S, S, 3) -> (B, 3, S, S) channels-last view, no copy
                 crops = [self._to_torch(o).permute(0, 3, 1, 2) for o in outs[1:]]
-                views = crops if self.dali_photometric else self.photometric(crops, epoch, b)
+                views = ([c.contiguous(memory_format=self.memory_format) for c in crops] if self.dali_photometric
+                         else self.photometric(crops, epoch, b))
                 yield Batch(views, labels)
         finally:
             del pipe
