@@ -82,7 +82,13 @@ class TrainConfig:
     epochs: int = 300
     max_steps: int = 0  # > 0: stop after this many steps
     precision: str = "bf16"  # bf16 | fp16 | fp32
-    channels_last: bool = True
+    # The model's (and so the views') memory format: auto (CUDA: channels-last; CPU: measured once per model and
+    # CPU, cached; fastssl.engine.layout) | true | false
+    channels_last: Any = "auto"
+    # A compiled model (torch.compile, fastssl.engine.compiled): auto (the measured default per device type:
+    # BENCHMARKS.md, "Memory format and compile") | true | false; compile_mode: torch.compile's mode
+    compile: Any = "auto"
+    compile_mode: str = "default"
     seed: int = 0
     log_every: int = 20
     # Checkpoints (out_dir/checkpoints/step-XXXXXX.pt + last.pt) at each epoch end, at the end, on SIGTERM/SIGINT,
@@ -133,6 +139,7 @@ _CHOICES = {
     "data.spec": tuple(sorted(n for n in pipelines.PRESETS if n != "eval")),  # eval: one view, nothing to learn
     "optim.name": ("lars", "sgd", "adamw"),
     "train.precision": ("bf16", "fp16", "fp32"),
+    "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 
 
@@ -182,6 +189,10 @@ def _text() -> Rule:
     return "a non-empty string", lambda v: isinstance(v, str) and v.strip() != ""
 
 
+def _auto_or_bool() -> Rule:
+    return "auto, true or false", lambda v: v == "auto" or isinstance(v, bool)
+
+
 _PROB = _real(0.0, 1.0)
 # Every field of the schema that is not a choice (_CHOICES) or a bool (OmegaConf enforces bools); the test
 # test_every_schema_field_has_a_check keeps it so when a field is added.
@@ -214,6 +225,8 @@ _RULES: dict[str, Rule] = {
     "train.keep_checkpoints": _int(1),
     "train.max_bad_steps": _int(1),
     "train.threads": _int(0),
+    "train.channels_last": _auto_or_bool(),
+    "train.compile": _auto_or_bool(),
     "eval.knn_k": _int(1),
     "eval.knn_t": _real(0.0, open_low=True),
     "eval.knn_max_train": _int(0),
@@ -430,7 +443,8 @@ def _validate_method(method: DictConfig, world_size: int = 1) -> None:
 RESUME_ACCEPTED = (
     "data.backend", "data.cache", "data.decode", "data.num_workers", "data.max_bad_samples",
     "train.max_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.max_bad_steps",
-    "train.deterministic", "train.threads", "train.progress", "train.channels_last",
+    "train.deterministic", "train.threads", "train.progress", "train.channels_last", "train.compile",
+    "train.compile_mode",
     "eval", "out_dir", "resume", "resume_allow_changes",
 )
 

@@ -32,8 +32,8 @@ __all__ = ["PRESETS", "Batch", "Loader", "MultiCropSpec", "ViewSpec", "build_loa
 
 
 class Batch(NamedTuple):
-    """One step's data. views[i]: float32 (B, 3, S_i, S_i), normalized, channels-last, on the device,
-    in spec order; labels: int64 (B,) on the device."""
+    """One step's data. views[i]: float32 (B, 3, S_i, S_i), normalized, in the loader's memory_format (channels-last
+    by default), on the device, in spec order; labels: int64 (B,) on the device."""
 
     views: list[torch.Tensor]
     labels: torch.Tensor
@@ -125,6 +125,9 @@ class Loader:
     by image (torch decode="device"), the header before the bytes go to DALI, and the decoder's status per
     image (FFCV).
 
+    Layout: views come in ``memory_format`` (channels-last unless set otherwise, e.g. to
+    ``torch.contiguous_format`` for a model that runs NCHW faster).
+
     Subclasses implement ``_iter_epoch(epoch, start)`` yielding batches ``start, start + 1, ...``.
     """
 
@@ -172,6 +175,9 @@ class Loader:
             )
         self._n_batches = n_batches
         self.skip_bad_samples = bool(skip_bad_samples)
+        # The views' layout: the model's (the trainer sets it once it has chosen; channels-last suits GPUs' tensor
+        # cores, while some CPUs' kernels run NCHW faster: fastssl.engine.layout measures).
+        self.memory_format = torch.channels_last
         self.bad_samples: dict[int, str] = {}  # global sample id -> where it is and why it is bad
         self._batch_bad: dict[int, list[tuple[int, str]]] = {}  # batch of the running epoch -> its bad samples
         self._pos = (0, 0)  # (epoch, next batch) of the live stream
@@ -262,12 +268,13 @@ class Loader:
         """Apply each view's photometric stage to its crops on the device, seeded by (seed, epoch, rank, batch).
 
         crops[i]: (B, 3 or 1, S, S) uint8, or float in [0, 1] that may be overwritten.
-        Returns float32 (B, 3, S, S) normalized channels-last views.
+        Returns float32 (B, 3, S, S) normalized views in ``self.memory_format``.
         """
         views = []
         for i, (view, x) in enumerate(zip(self.spec.views, crops, strict=True)):
             gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank, batch, i, STREAM_PHOTO))
-            views.append(apply_photometric(x, view, self.spec.mean, self.spec.std, gen, inplace=True))
+            views.append(apply_photometric(x, view, self.spec.mean, self.spec.std, gen, inplace=True,
+                                           memory_format=self.memory_format))
         return views
 
 

@@ -288,7 +288,9 @@ class DaliLoader(Loader):
         labels = self._to_torch(outs[0], stream).reshape(-1).long()
         # (B, S, S, 3) -> (B, 3, S, S) channels-last view, no copy
         crops = [self._to_torch(o, stream).permute(0, 3, 1, 2) for o in outs[1:]]
-        return Batch(crops if self.dali_photometric else self.photometric(crops, epoch, b), labels)
+        views = ([c.contiguous(memory_format=self.memory_format) for c in crops] if self.dali_photometric
+                 else self.photometric(crops, epoch, b))
+        return Batch(views, labels)
 
     def _locate_undecodable(self, positions: np.ndarray, error: Exception) -> bool:
         """After DALI failed on a batch: decode its samples with PIL to find those that do not decode; they are

@@ -176,6 +176,7 @@ def apply_photometric(
     params: Params | None = None,
     return_params: bool = False,
     inplace: bool = False,
+    memory_format: torch.memory_format = torch.channels_last,
 ):
     """One view's photometric augmentation + normalization for a whole batch.
 
@@ -188,7 +189,8 @@ def apply_photometric(
     params: decisions to use instead of sampling (see ``sample_photometric_params``), e.g. forced
       factors in tests. return_params: also return the decisions used.
     inplace: a float32 ``x`` may be overwritten (saves a copy; uint8 input is never modified).
-    Returns float32 (B, 3, S, S) normalized, channels-last, on x's device;
+    memory_format: the layout of the result, the model's (``torch.channels_last`` or ``torch.contiguous_format``).
+    Returns float32 (B, 3, S, S) normalized, in ``memory_format``, on x's device;
     ``(out, params)`` when ``return_params``.
     """
     if x.ndim != 4 or x.shape[1] not in (1, 3):
@@ -203,6 +205,8 @@ def apply_photometric(
     bias = (-torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std_t).to(device, non_blocking=True)
     if path != "torch":  # the fused kernels read x as it is (uint8 or float, any strides)
         out = (_apply_fused if path == "triton" else _apply_cpp)(x, params, scale, bias)
+        # The fused kernels write channels-last; NCHW costs one copy of the view (~0.1 ms for 128 x 3 x 32 x 32).
+        out = out.contiguous(memory_format=memory_format)
         return (out, params) if return_params else out
     # Work in plain NCHW: per-channel planes are then contiguous, which the colour ops and the subset
     # gathers need to run at memory speed; the normalization writes channels-last at the end.
@@ -248,9 +252,9 @@ def apply_photometric(
 
     x = _on_subset(x, params["solarize"].bool(), lambda xs, i: torch.where(xs >= 0.5, 1.0 - xs, xs))
 
-    # Normalize as x * (1 / std) - mean / std in one pass that writes channels-last; a gray (B, 1)
+    # Normalize as x * (1 / std) - mean / std in one pass that writes the result's layout; a gray (B, 1)
     # batch broadcasts to 3 channels here.
-    out = torch.empty((batch, 3, *x.shape[2:]), device=device, memory_format=torch.channels_last)
+    out = torch.empty((batch, 3, *x.shape[2:]), device=device, memory_format=memory_format)
     x = torch.addcmul(bias, x, scale, out=out)
     return (x, params) if return_params else x
 

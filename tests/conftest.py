@@ -22,6 +22,13 @@ from pipelines.formats import ShardWriter, iter_samples, load_manifest, shard_pa
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# fastssl's per-user cache (the memory-format choices, inductor's compiled code) in a folder of this test session
+# (inherited by the processes tests start), not the user's ~/.cache.
+if "FASTSSL_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["FASTSSL_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastssl-test-cache-")
+
 
 def load_script(name: str, module_name: str | None = None):
     """scripts/<name>.py imported as a module (scripts/ is no package), registered in sys.modules under

@@ -10,6 +10,7 @@ import os
 import random
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +21,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import pipelines
 from fastssl.config import ConfigError, build_spec, refused_changes_message, resume_changes, validate
-from fastssl.engine import determinism, distributed
+from fastssl.engine import compiled, determinism, distributed, layout
 from fastssl.engine.checkpoint import CheckpointDir, load_checkpoint, rng_state, set_rng_state
 from fastssl.engine.knn import extract_features, knn_top1
 from fastssl.engine.monitor import DataWaitMonitor, open_wandb
 from fastssl.engine.probes import OnlineLinearProbe
 from fastssl.methods import build_method
 from fastssl.models import build_backbone
+from fastssl.models.norm import sync_batchnorm
 from fastssl.optim.lars import LARS
 from fastssl.optim.schedules import scaled_lr, warmup_cosine
 from pipelines import progress
@@ -92,18 +94,30 @@ class Trainer:
         # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
         torch.manual_seed(cfg.train.seed)
         method = build_model(cfg).to(self.device)
-        if cfg.train.channels_last:
+        self.amp_dtype = _AMP_DTYPES[cfg.train.precision]
+        self.channels_last = layout.choose_channels_last(
+            cfg.train.channels_last, method, [v.size for v in self.spec.views], cfg.train.batch_size // d.world_size,
+            self.amp_dtype, self.device, {"model": OmegaConf.to_container(cfg.model),
+                                          "method": OmegaConf.to_container(cfg.method)}, is_main=d.is_main)
+        if self.channels_last:
             method = method.to(memory_format=torch.channels_last)
-        # A method may opt out (sync_batchnorm = False), e.g. MoCo v2's Shuffle-BN.
+        self.loader.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        # A method may opt out (sync_batchnorm = False), e.g. MoCo v2's Shuffle-BN. Per-view BatchNorms stay per view,
+        # each view normalized by its global statistics.
         if self.device.type == "cuda" and d.world_size > 1 and getattr(method, "sync_batchnorm", True):
-            method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+            method = sync_batchnorm(method)
         self.method = method
         self.model = DDP(method, device_ids=[d.local_rank] if self.device.type == "cuda" else None,
                          **_no_forward_buffer_sync()) if d.world_size > 1 else method
+        self._eager_model, self._compile_pending = self.model, False
+        if compiled.wanted(cfg.train.compile, self.device):
+            fast = compiled.compile_model(self.model, cfg.train.compile_mode, self.device)
+            if fast is not None:
+                self.model, self._compile_pending = fast, True
+        self._graphs_logged = 0
         o = cfg.optim
         self.peak_lr = scaled_lr(o.base_lr, cfg.train.batch_size)
         self.optimizer = build_optimizer(o, method.param_groups(o.weight_decay), self.peak_lr)
-        self.amp_dtype = _AMP_DTYPES[cfg.train.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
@@ -247,7 +261,7 @@ class Trainer:
         if self._norm_buffers:
             torch._foreach_copy_(self._norm_snapshot, self._norm_buffers)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            loss, logs = self.model(views)
+            loss, logs = self._forward(views)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         # One all-reduce a step, so that every rank decides alike: skip this update (some rank's loss, or the
@@ -284,6 +298,34 @@ class Trainer:
         if scale is None or self.scaler.get_scale() >= scale:
             self.method.on_step_end(self.step, self.total_steps)
         return loss, logs
+
+    def _forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """The model's forward; the first call of a compiled model compiles it, with a line before and after (or,
+        where the compiler fails, one warning and the eager model from then on)."""
+        if not self._compile_pending:
+            return self.model(views)
+        self._compile_pending = False
+        main = self.dist.is_main
+        if main:
+            progress.write(f"train.compile: compiling the training step (mode {self.cfg.train.compile_mode}; the "
+                           f"first run of a model on a machine takes a minute or more, later ones load it from "
+                           f"{os.environ.get('TORCHINDUCTOR_CACHE_DIR')})...")
+        t0 = time.perf_counter()
+        try:
+            out = self.model(views)
+        except Exception as exc:  # noqa: BLE001 - the compiler fails in many ways (missing headers, a lowering)
+            if self._norm_buffers:  # the failed call may have moved BatchNorm statistics
+                torch._foreach_copy_(self._norm_buffers, self._norm_snapshot)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            warnings.warn(f"train.compile: compiling failed ({type(exc).__name__}: {first}); training eagerly",
+                          RuntimeWarning, stacklevel=2)
+            self.model = self._eager_model
+            return self.model(views)
+        self._graphs_logged = compiled.graphs()
+        if main:
+            progress.write(f"train.compile: compiled in {time.perf_counter() - t0:.1f} s "
+                           f"({self._graphs_logged} graph(s))")
+        return out
 
     def fit(self) -> dict:
         """Train to the end (or ``train.max_steps``), checkpointing each epoch, then the kNN evaluation."""
@@ -483,6 +525,13 @@ class Trainer:
         row.update({k: float(v) for k, v in logs.items()})
         row["img_s"] = window["n"] * global_batch / max(window["time"], 1e-9)
         row["data_wait_pct"] = 100.0 * window["wait"] / max(window["time"], 1e-9)
+        if self.model is not self._eager_model:  # compiled: a graph count that grows means recompilation
+            graphs = compiled.graphs()
+            row["compiled_graphs"] = graphs
+            if graphs > self._graphs_logged and self.dist.is_main:
+                progress.write(f"warning: train.compile recompiled the step: {graphs} graphs now, "
+                               f"{self._graphs_logged} before (TORCH_LOGS=recompiles prints why)")
+            self._graphs_logged = graphs
         return row
 
     # ------------------------------------------------------------------------------------------- kNN

@@ -36,7 +36,10 @@ def _interpreting() -> bool:
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
-    """Whether an op on ``tensors`` runs its Triton kernel under the current ``FASTSSL_KERNELS`` mode."""
+    """Whether an op on ``tensors`` runs its Triton kernel under the current ``FASTSSL_KERNELS`` mode. Inside a
+    ``torch.compile``d step the twin runs: the compiler fuses it with its neighbours (into Triton code on CUDA)."""
+    if torch.compiler.is_compiling():
+        return False
     mode = os.environ.get("FASTSSL_KERNELS", "auto").strip().lower() or "auto"
     if mode not in _MODES:
         raise ValueError(f"FASTSSL_KERNELS must be one of {', '.join(_MODES)}, got {mode!r}")

@@ -4,6 +4,9 @@ standardized over the batch, close to the identity: invariance on the diagonal, 
     z^A, z^B = g(f(x^A)), g(f(x^B))           projector 8192-8192-8192; each standardized over the batch
     C_ij  = sum_b z^A_bi z^B_bj / N             N: the global batch (every rank's rows)
     loss  = sum_i (1 - C_ii)^2  +  lambda sum_i sum_{j != i} C_ij^2                 lambda = 0.0051
+
+BatchNorm statistics: per view (the paper's code forwards each view on its own), kept inside one batched forward by
+``forward_per_view``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from torch import nn
 from fastssl.kernels import all_gather_with_grad
 from fastssl.methods.base import SSLMethod
 from fastssl.models import MLP
+from fastssl.models.norm import per_view_batchnorm
 
 
 def standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -38,10 +42,14 @@ class BarlowTwins(SSLMethod):
         super().__init__(backbone)
         self.projector = MLP(feat_dim, proj_hidden, proj_dim, n_layers=proj_layers)
         self.lambd = lambd
+        per_view_batchnorm(self)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(x))
 
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        y1, y2 = self.forward_by_resolution(self.backbone, views[:2])  # the two global views
-        z1, z2 = self.projector(y1), self.projector(y2)  # one projector pass per view: BN statistics per view
+        # The two global views in one batched forward, every BatchNorm per view (the paper's code: a forward each)
+        z1, z2 = self.forward_per_view(self._embed, views[:2])
         # The whole batch of every rank: every rank computes the same global loss, and the gather's backward
         # routes each rank its rows' share, so DDP's average is the gradient of the one-process loss.
         loss = barlow_twins_loss(all_gather_with_grad(z1), all_gather_with_grad(z2), self.lambd)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from fastssl.models.norm import view_norms, views_per_batch
 
 
 class SSLMethod(nn.Module, ABC):
@@ -63,14 +66,34 @@ class SSLMethod(nn.Module, ABC):
     @staticmethod
     def forward_by_resolution(net: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
         """Run ``net`` once per resolution: consecutive views of one size are concatenated along the batch,
-        forwarded together, and the output is split back into one tensor per view."""
+        forwarded together, and the output is split back into one tensor per view. BatchNorm statistics are
+        pooled over the concatenated views (SimCLR, SwAV, DINO: as their papers' code)."""
         outputs: list[torch.Tensor] = []
-        start = 0
-        while start < len(views):
-            end = start + 1
-            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
-                end += 1
-            out = net(torch.cat(views[start:end]))
-            outputs.extend(out.chunk(end - start))
-            start = end
+        for group in resolution_groups(views):
+            outputs.extend(net(torch.cat(group)).chunk(len(group)))
         return outputs
+
+    def forward_per_view(self, net: Callable[[torch.Tensor], torch.Tensor],
+                         views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Like ``forward_by_resolution`` (one forward per resolution), but every per-view BatchNorm of this method
+        (``fastssl.models.norm``) normalizes each view with its own statistics, as one forward per view would
+        (BYOL, MoCo v3, Barlow Twins, VICReg: as their papers' code). Outputs, gradients and running statistics
+        equal those of separate per-view forwards."""
+        norms = view_norms(self)
+        outputs: list[torch.Tensor] = []
+        for group in resolution_groups(views):
+            with views_per_batch(norms, len(group)):
+                out = net(torch.cat(group)) if len(group) > 1 else net(group[0])
+            outputs.extend(out.chunk(len(group)))
+        return outputs
+
+
+def resolution_groups(views: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``views`` cut into runs of consecutive views of the same spatial size."""
+    groups: list[list[torch.Tensor]] = []
+    for v in views:
+        if groups and groups[-1][0].shape[-2:] == v.shape[-2:]:
+            groups[-1].append(v)
+        else:
+            groups.append([v])
+    return groups

@@ -9,6 +9,8 @@ and centred output distribution of a momentum teacher that sees only the global 
 
 Centring keeps one dimension from dominating, sharpening keeps the output from going uniform: together they
 avoid collapse without a predictor or negatives.
+BatchNorm statistics (ResNet backbones): pooled per resolution, as the paper's multi-crop wrapper concatenates
+same-size crops into one forward (``forward_by_resolution``).
 """
 
 from __future__ import annotations

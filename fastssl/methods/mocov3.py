@@ -9,8 +9,10 @@ the other view of every image in the (global) batch; the query goes through an e
 Heads: a 3-layer projector g and a 2-layer predictor h, 4096 hidden and 256 out, BN after every layer
 including the output ones (the last BN without affine). The authors' released ResNet-50 setting uses a
 2-layer projector and no output BN in the predictor (``proj_layers=2, pred_last_bn=False``). The trainer
-uses SyncBN on multi-GPU runs; with no queue the negatives come from the same batch as the positive, so
-batch statistics leak nothing (unlike MoCo v2, see its Shuffle-BN).
+uses SyncBN on multi-GPU runs, per view (the paper's code forwards each view on its own;
+``forward_per_view`` keeps that inside one batched forward, each view's statistics global across GPUs); with
+no queue the negatives come from the same batch as the positive, so batch statistics leak nothing (unlike MoCo
+v2, see its Shuffle-BN).
 
 For ViTs the paper's stability fix is on by default (``frozen_patch_embed``): the patch projection stays
 at its random initialization and is never trained. Recipes: ResNet-50 with LARS; ViT-S/16 and ViT-B/16
@@ -27,6 +29,7 @@ from torch import nn
 from fastssl.kernels import info_nce
 from fastssl.methods.base import SSLMethod
 from fastssl.models import MLP
+from fastssl.models.norm import per_view_batchnorm
 from fastssl.optim.ema import ema_update_
 from fastssl.optim.schedules import cosine_tau
 
@@ -46,6 +49,7 @@ class MoCoV3(SSLMethod):
         self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
         self.temperature, self.base_tau = temperature, base_tau
         self.register_buffer("tau", torch.tensor(base_tau, dtype=torch.float64))
+        per_view_batchnorm(self)
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         return self.predictor(self.projector(self.backbone(x)))
@@ -54,9 +58,9 @@ class MoCoV3(SSLMethod):
         return self.momentum_projector(self.momentum_backbone(x))
 
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        q1, q2 = self.forward_by_resolution(self._query, views[:2])
+        q1, q2 = self.forward_per_view(self._query, views[:2])
         with torch.no_grad():
-            k1, k2 = self.forward_by_resolution(self._key, views[:2])
+            k1, k2 = self.forward_per_view(self._key, views[:2])
         t = self.temperature
         loss = info_nce(q1, k2, t, scale=2 * t) + info_nce(q2, k1, t, scale=2 * t)
         return loss, {"loss": loss.detach(), "tau": self.tau}

@@ -8,7 +8,8 @@ every other view in the (global) batch.
 With several ranks the 2N rows of every rank are the negatives of every row ("global" negatives, as the
 paper's TPU implementation); the NT-Xent kernel gathers them with their gradient, so a run on W ranks
 equals one process with the whole batch. Batch statistics: the trainer turns BatchNorm into SyncBatchNorm
-on multi-GPU runs, the paper's global BN. Recipe: LARS, lr 0.3 x batch / 256, wd 1e-6, T = 0.1.
+on multi-GPU runs, the paper's global BN, pooled over both views (its code concatenates them:
+one forward). Recipe: LARS, lr 0.3 x batch / 256, wd 1e-6, T = 0.1.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ from the scores of every other crop.
 
 For small batches a queue of past global embeddings joins the Sinkhorn problem (not the loss), so that the
 equipartition is over enough samples. The prototypes are frozen during the first epoch.
+BatchNorm statistics: pooled per resolution (the paper's code concatenates same-size crops into one forward:
+the 2 global crops share statistics, the V local crops theirs), ``forward_by_resolution``.
 """
 
 from __future__ import annotations

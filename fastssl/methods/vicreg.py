@@ -6,6 +6,8 @@
     c(z)     = sum_{i != j} Cov(z)_ij^2 / D                                     covariance
     loss = 25 s(z, z') + 25 (v(z) + v(z')) / 2 + 1 (c(z) + c(z'))
 Variance and covariance are statistics of the whole batch: the embeddings of every rank are gathered for them.
+BatchNorm statistics: per view (the paper's code forwards each view on its own), kept inside one batched forward by
+``forward_per_view``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 from fastssl.kernels import all_gather_with_grad
 from fastssl.methods.base import SSLMethod
 from fastssl.models import MLP
+from fastssl.models.norm import per_view_batchnorm
 
 
 def variance_term(z: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -55,9 +58,13 @@ class VICReg(SSLMethod):
         super().__init__(backbone)
         self.expander = MLP(feat_dim, proj_hidden, proj_dim, n_layers=proj_layers)
         self.sim_coeff, self.std_coeff, self.cov_coeff = sim_coeff, std_coeff, cov_coeff
+        per_view_batchnorm(self)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.expander(self.backbone(x))
 
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        y1, y2 = self.forward_by_resolution(self.backbone, views[:2])  # the two global views
-        z1, z2 = self.expander(y1), self.expander(y2)  # one expander pass per view: BN statistics per view
+        # The two global views in one batched forward, every BatchNorm per view (the paper's code: a forward each)
+        z1, z2 = self.forward_per_view(self._embed, views[:2])
         loss, terms = vicreg_loss(z1, z2, self.sim_coeff, self.std_coeff, self.cov_coeff)
         return loss, {"loss": loss.detach(), **terms}

@@ -1,0 +1,87 @@
+"""``train.compile``: the training step's model compute through ``torch.compile``.
+
+What is compiled: the method's whole forward (backbone, heads, per-view BatchNorm, the loss twins) as one graph,
+wrapped around the DDP module where there is one (DDP's own compiler support splits the graph at its buckets).
+Multi-crop methods get one graph for the whole step, both resolutions inside it, so a step never recompiles;
+``graphs()`` counts the graphs compiled so far and the trainer logs it, so a recompilation storm shows. The
+fused Triton loss kernels step aside inside a compiled step (``fastssl.kernels.use_triton``): the compiler fuses
+the reference twins with their neighbours itself. The kNN evaluation, the probe and the EMA use the plain
+modules: only the training forward is compiled.
+
+The default per device type (``train.compile=auto``) is the measured one (BENCHMARKS.md, "Memory format and
+compile"): off on CPUs, where the compiled step was no faster than eager in the faster layout and the first
+compile costs a minute or more; off on CUDA until ``scripts/gpu_check.py`` has measured it on a GPU.
+
+Inductor's caches go to ``<fastssl cache>/inductor`` (``TORCHINDUCTOR_CACHE_DIR`` overrides), so a second run
+of the same model finds its compiled code there and starts in seconds. Without a C++ compiler (inductor's CPU
+backend needs one) the run warns once and stays eager.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import warnings
+
+import torch
+from torch import nn
+
+from fastssl.engine.layout import AUTO, cache_dir
+
+# train.compile=auto per device type, as measured (module docstring).
+DEFAULT_COMPILE = {"cpu": False, "cuda": False}
+
+
+def wanted(setting: object, device: torch.device) -> bool:
+    """Whether the run compiles: ``setting`` True/False, or "auto" = the measured default for the device type."""
+    if setting == AUTO:
+        return DEFAULT_COMPILE.get(device.type, False)
+    return bool(setting)
+
+
+def _cxx_compiler() -> str | None:
+    """The C++ compiler inductor would use on a CPU (``$CXX``, else the usual names), or None."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++", "c++"]
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+class _DropNoCudaRuntime(logging.Filter):
+    """torch.utils.cpp_extension logs "No CUDA runtime is found" whenever inductor loads it on a machine without a
+    GPU: true, expected, and no concern of a CPU run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No CUDA runtime is found" not in record.getMessage()
+
+
+def prepare(device: torch.device) -> str | None:
+    """Set up the persistent cache and the log filter; the reason compilation cannot run here, or None."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    if device.type == "cpu":
+        logging.getLogger("torch.utils.cpp_extension").addFilter(_DropNoCudaRuntime())
+        if _cxx_compiler() is None:
+            return ("no C++ compiler was found ($CXX, g++, clang++ or c++), which torch.compile needs on a CPU; "
+                    "install one (apt-get install g++) to compile")
+    return None
+
+
+def compile_model(model: nn.Module, mode: str, device: torch.device) -> nn.Module | None:
+    """``torch.compile(model, mode=mode)``, or None after one warning where compilation cannot run."""
+    why = prepare(device)
+    if why is not None:
+        warnings.warn(f"train.compile: {why}; training eagerly", RuntimeWarning, stacklevel=2)
+        return None
+    if mode == "reduce-overhead" and device.type != "cuda":
+        mode = "default"  # CUDA graphs: nothing to capture on a CPU
+    return torch.compile(model, mode=mode, dynamic=False)
+
+
+def graphs() -> int:
+    """How many graphs dynamo has compiled in this process so far (one per distinct input signature)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
