@@ -149,6 +149,7 @@ def plan(out: Path, python: str = sys.executable, cores: int | None = None) -> l
 def dry_command(step: Step) -> tuple[list[str], dict[str, str]]:
     """The step's command and environment for the dry run (``Step.dry``, ``Step.dry_env``)."""
     cmd = list(step.cmd)
+    scripts = [i for i, a in enumerate(cmd) if a.endswith(".py")]
     for key, value in step.dry.items():
         if key.endswith("="):
             at = [i for i, a in enumerate(cmd) if a.startswith(key)]
@@ -158,8 +159,9 @@ def dry_command(step: Step) -> tuple[list[str], dict[str, str]]:
                 cmd.append(key + value)
         elif key in cmd:
             cmd[cmd.index(key) + 1] = value
-        else:
-            cmd += [key, value]
+        else:  # right after the script: before its positional key=value overrides, which argparse takes last
+            at = scripts[0] + 1 if scripts else len(cmd)
+            cmd[at:at] = [key, value]
     return cmd, dict(step.env if step.dry_env is None else step.dry_env)
 
 
