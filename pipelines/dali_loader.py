@@ -237,8 +237,11 @@ class DaliLoader(Loader):
         views, mean, std = self.spec.views, self.spec.mean, self.spec.std
         n_photo = 7 if self.dali_photometric else 0
 
+        # exec_dynamic (DALI 2.4's default, said here because the loader relies on it): outputs bound to the
+        # consumer's stream by run(stream), and an output's memory kept while a torch tensor shares it.
         @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
-                      prefetch_queue_depth=self.prefetch, seed=derive_seed(self.seed, self.rank) % (1 << 31))
+                      prefetch_queue_depth=self.prefetch, seed=derive_seed(self.seed, self.rank) % (1 << 31),
+                      exec_dynamic=True)
         def graph():
             # no_copy: DALI takes the feed's lists as they are (they are not touched again once handed over).
             inputs = fn.external_source(source=source, num_outputs=4 if n_photo else 3, batch=True, no_copy=True)
