@@ -14,7 +14,9 @@ compile costs a minute or more; off on CUDA until ``scripts/gpu_check.py`` has m
 
 Inductor's caches go to ``<fastssl cache>/inductor`` (``TORCHINDUCTOR_CACHE_DIR`` overrides), so a second run
 of the same model finds its compiled code there and starts in seconds. Without a C++ compiler (inductor's CPU
-backend needs one) the run warns once and stays eager.
+backend needs one) the run warns once and stays eager. ``FASTSSL_COMPILE_BACKEND`` picks another torch.compile
+backend (``aot_eager``: dynamo and AOT autograd without inductor's code generation, to tell a tracing problem from
+a code-generation one, and the tests' cheap way through dynamo).
 """
 
 from __future__ import annotations
@@ -60,7 +62,13 @@ class _DropNoCudaRuntime(logging.Filter):
 
 def prepare(device: torch.device) -> str | None:
     """Set up the persistent cache and the log filter; the reason compilation cannot run here, or None."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # Torch writes its default (a folder under /tmp, gone at a reboot or on a fresh node) into the variable as soon
+    # as anything asks for it, so only a value other than that default is the user's own choice.
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
     if device.type == "cpu":
         logging.getLogger("torch.utils.cpp_extension").addFilter(_DropNoCudaRuntime())
         if _cxx_compiler() is None:
@@ -77,6 +85,9 @@ def compile_model(model: nn.Module, mode: str, device: torch.device) -> nn.Modul
         return None
     if mode == "reduce-overhead" and device.type != "cuda":
         mode = "default"  # CUDA graphs: nothing to capture on a CPU
+    backend = os.environ.get("FASTSSL_COMPILE_BACKEND", "inductor")
+    if backend != "inductor":  # modes are inductor's
+        return torch.compile(model, backend=backend, dynamic=False)
     return torch.compile(model, mode=mode, dynamic=False)
 
 

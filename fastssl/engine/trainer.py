@@ -114,7 +114,7 @@ class Trainer:
             fast = compiled.compile_model(self.model, cfg.train.compile_mode, self.device)
             if fast is not None:
                 self.model, self._compile_pending = fast, True
-        self._graphs_logged = 0
+        self._graphs_logged = self._graphs_base = 0
         o = cfg.optim
         self.peak_lr = scaled_lr(o.base_lr, cfg.train.batch_size)
         self.optimizer = build_optimizer(o, method.param_groups(o.weight_decay), self.peak_lr)
@@ -311,6 +311,7 @@ class Trainer:
                            f"first run of a model on a machine takes a minute or more, later ones load it from "
                            f"{os.environ.get('TORCHINDUCTOR_CACHE_DIR')})...")
         t0 = time.perf_counter()
+        self._graphs_base = compiled.graphs()  # dynamo counts per process: earlier runs in it are not this one's
         try:
             out = self.model(views)
         except Exception as exc:  # noqa: BLE001 - the compiler fails in many ways (missing headers, a lowering)
@@ -321,7 +322,7 @@ class Trainer:
                           RuntimeWarning, stacklevel=2)
             self.model = self._eager_model
             return self.model(views)
-        self._graphs_logged = compiled.graphs()
+        self._graphs_logged = compiled.graphs() - self._graphs_base
         if main:
             progress.write(f"train.compile: compiled in {time.perf_counter() - t0:.1f} s "
                            f"({self._graphs_logged} graph(s))")
@@ -526,7 +527,7 @@ class Trainer:
         row["img_s"] = window["n"] * global_batch / max(window["time"], 1e-9)
         row["data_wait_pct"] = 100.0 * window["wait"] / max(window["time"], 1e-9)
         if self.model is not self._eager_model:  # compiled: a graph count that grows means recompilation
-            graphs = compiled.graphs()
+            graphs = compiled.graphs() - self._graphs_base
             row["compiled_graphs"] = graphs
             if graphs > self._graphs_logged and self.dist.is_main:
                 progress.write(f"warning: train.compile recompiled the step: {graphs} graphs now, "
