@@ -148,3 +148,35 @@ def test_compiled_two_ranks_gloo_finish_with_identical_weights(tiny_gray_dataset
     digests = results["weight_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
     assert [r["compiled_graphs"] for r in _metrics(out)][-1] >= 1
+
+
+_SMALL_HEADS = {
+    "byol": {"method.proj_hidden": 32, "method.proj_dim": 16, "method.pred_hidden": 32},
+    "simclr": {"method.proj_hidden": 32, "method.proj_dim": 16},
+    "mocov2": {"method.proj_hidden": 32, "method.proj_dim": 16, "method.queue_size": 64},
+    "mocov3": {"method.proj_hidden": 32, "method.proj_dim": 16, "method.pred_hidden": 32},
+    "swav": {"method.proj_hidden": 32, "method.proj_dim": 16, "method.n_prototypes": 10, "method.queue_length": 0},
+    "dino": {"method.out_dim": 32},
+    "barlow": {"method.proj_hidden": 32, "method.proj_dim": 32},
+    "vicreg": {"method.proj_hidden": 32, "method.proj_dim": 32},
+}
+
+
+@pytest.mark.parametrize("method", sorted(_SMALL_HEADS))
+def test_every_method_compiles_into_one_graph_that_is_reused(method, tiny_gray_dataset, tmp_path, monkeypatch):
+    """Every method's training forward traces into one graph that later steps reuse (no recompilation at each
+    step: a Python number a forward reads and the step changes would recompile, as SwAV's queue count did), and
+    the compiled run's first loss equals the eager one."""
+    monkeypatch.setenv("FASTSSL_COMPILE_BACKEND", "aot_eager")
+    losses = {}
+    for mode in ("false", "true"):
+        out = tmp_path / mode
+        drop = {"method.proj_hidden", "method.proj_dim", "method.pred_hidden"} - set(_SMALL_HEADS[method])  # BYOL's
+        cfg = load_config(f"{method}_resnet18_fmnist", [
+            o for o in _overrides(tiny_gray_dataset, out, **{
+                "eval.knn": "false", "eval.probe": "false", "train.channels_last": "true", "train.max_steps": 3,
+                "train.compile": mode, **_SMALL_HEADS[method]}) if o.split("=")[0] not in drop])
+        assert Trainer(cfg).fit()["steps"] == 3
+        losses[mode] = [r["loss"] for r in _metrics(out)]
+    assert [r["compiled_graphs"] for r in _metrics(tmp_path / "true")] == [1, 1, 1]
+    assert losses["true"][0] == pytest.approx(losses["false"][0], rel=1e-4)
