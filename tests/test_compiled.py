@@ -180,3 +180,29 @@ def test_every_method_compiles_into_one_graph_that_is_reused(method, tiny_gray_d
         losses[mode] = [r["loss"] for r in _metrics(out)]
     assert [r["compiled_graphs"] for r in _metrics(tmp_path / "true")] == [1, 1, 1]
     assert losses["true"][0] == pytest.approx(losses["false"][0], rel=1e-4)
+
+
+def test_a_compiler_failure_at_the_first_step_warns_once_and_trains_eagerly(tiny_gray_dataset, tmp_path,
+                                                                             monkeypatch):
+    """The compiler fails inside the first step (after the forward may have moved BatchNorm statistics): one
+    warning naming the error, the statistics put back, and the eager model trains the same step and the rest."""
+    calls = []
+
+    def broken(model, mode, device):
+        def forward(views):
+            calls.append(len(views))
+            model(views)  # moves the running statistics, as a half-run compiled call could
+            raise RuntimeError("lowering failed: an op the backend does not know\nmore detail")
+        return forward
+
+    monkeypatch.setattr(compiled, "compile_model", broken)
+    with pytest.warns(RuntimeWarning, match="compiling failed .RuntimeError: lowering failed: an op the backend "
+                                            "does not know.; training eagerly") as caught:
+        results = _fit(tiny_gray_dataset, tmp_path / "run", **{"train.compile": "true", "train.max_steps": 2})
+    assert calls == [2] and results["steps"] == 2
+    assert len([w for w in caught if "train.compile" in str(w.message)]) == 1
+    eager = _fit(tiny_gray_dataset, tmp_path / "eager", **{"train.compile": "false", "train.max_steps": 2})
+    assert results["weight_digests"] == eager["weight_digests"]
+    broken_state, eager_state = _weights(tmp_path / "run"), _weights(tmp_path / "eager")
+    for name in eager_state:  # BatchNorm running statistics included: the failed call left no trace
+        assert torch.equal(broken_state[name], eager_state[name]), name

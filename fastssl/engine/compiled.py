@@ -24,12 +24,15 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from fastssl.engine.layout import AUTO, cache_dir
+from pipelines import progress
 
 # train.compile=auto per device type, as measured (module docstring).
 DEFAULT_COMPILE = {"cpu": False, "cuda": False}
@@ -96,3 +99,61 @@ def graphs() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+class TrainingForward:
+    """The training step's forward: ``model(views)``, compiled when ``setting`` asks for it (``wanted``).
+
+    The first call of a compiled model compiles it, with a line before and after on the main rank; where the
+    compiler fails it warns once, calls ``restore`` (to undo what the failed call changed, e.g. BatchNorm
+    statistics) and uses the eager model from then on. ``log_row()`` gives the metrics of a log window: the graphs
+    compiled for this run so far, with a warning line when their number grew (a recompilation)."""
+
+    def __init__(self, model: nn.Module, setting: object, mode: str, device: torch.device, announce: bool):
+        self.eager = self.model = model
+        self.mode, self.announce = mode, announce
+        self._pending = False
+        self._base = self._logged = 0  # dynamo counts graphs per process: earlier runs in it are not this one's
+        if wanted(setting, device):
+            fast = compile_model(model, mode, device)
+            if fast is not None:
+                self.model, self._pending = fast, True
+
+    @property
+    def compiled(self) -> bool:
+        return self.model is not self.eager
+
+    def __call__(self, views: list[torch.Tensor], restore: Callable[[], None]) -> tuple[torch.Tensor, dict]:
+        if not self._pending:
+            return self.model(views)
+        self._pending = False
+        if self.announce:
+            progress.write(f"train.compile: compiling the training step (mode {self.mode}; the first run of a model "
+                           f"on a machine takes a minute or more, later ones load it from "
+                           f"{os.environ.get('TORCHINDUCTOR_CACHE_DIR')})...")
+        t0 = time.perf_counter()
+        self._base = graphs()
+        try:
+            out = self.model(views)
+        except Exception as exc:  # noqa: BLE001 - the compiler fails in many ways (missing headers, a lowering)
+            restore()
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            warnings.warn(f"train.compile: compiling failed ({type(exc).__name__}: {first}); training eagerly",
+                          RuntimeWarning, stacklevel=2)
+            self.model = self.eager
+            return self.model(views)
+        self._logged = graphs() - self._base
+        if self.announce:
+            progress.write(f"train.compile: compiled in {time.perf_counter() - t0:.1f} s ({self._logged} graph(s))")
+        return out
+
+    def log_row(self) -> dict:
+        """``{"compiled_graphs": n}`` for a compiled run (empty for an eager one), warning when n grew."""
+        if not self.compiled:
+            return {}
+        count = graphs() - self._base
+        if count > self._logged and self.announce:
+            progress.write(f"warning: train.compile recompiled the step: {count} graphs now, {self._logged} before "
+                           "(TORCH_LOGS=recompiles prints why)")
+        self._logged = count
+        return {"compiled_graphs": count}

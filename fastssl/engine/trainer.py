@@ -10,7 +10,6 @@ import os
 import random
 import signal
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -109,12 +108,8 @@ class Trainer:
         self.method = method
         self.model = DDP(method, device_ids=[d.local_rank] if self.device.type == "cuda" else None,
                          **_no_forward_buffer_sync()) if d.world_size > 1 else method
-        self._eager_model, self._compile_pending = self.model, False
-        if compiled.wanted(cfg.train.compile, self.device):
-            fast = compiled.compile_model(self.model, cfg.train.compile_mode, self.device)
-            if fast is not None:
-                self.model, self._compile_pending = fast, True
-        self._graphs_logged = self._graphs_base = 0
+        self.train_forward = compiled.TrainingForward(self.model, cfg.train.compile, cfg.train.compile_mode,
+                                                      self.device, announce=d.is_main)
         o = cfg.optim
         self.peak_lr = scaled_lr(o.base_lr, cfg.train.batch_size)
         self.optimizer = build_optimizer(o, method.param_groups(o.weight_decay), self.peak_lr)
@@ -261,7 +256,7 @@ class Trainer:
         if self._norm_buffers:
             torch._foreach_copy_(self._norm_snapshot, self._norm_buffers)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            loss, logs = self._forward(views)
+            loss, logs = self.train_forward(views, restore=self._restore_norm_buffers)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         # One all-reduce a step, so that every rank decides alike: skip this update (some rank's loss, or the
@@ -285,8 +280,7 @@ class Trainer:
         if self._skipped:
             # No update at all: optimizer, GradScaler, EMA/momentum untouched, and the normalization layers'
             # running statistics, which this forward changed, put back.
-            if self._norm_buffers:
-                torch._foreach_copy_(self._norm_buffers, self._norm_snapshot)
+            self._restore_norm_buffers()
             return loss, logs
         self.method.on_before_optimizer_step(self.step)
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
@@ -299,34 +293,10 @@ class Trainer:
             self.method.on_step_end(self.step, self.total_steps)
         return loss, logs
 
-    def _forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        """The model's forward; the first call of a compiled model compiles it, with a line before and after (or,
-        where the compiler fails, one warning and the eager model from then on)."""
-        if not self._compile_pending:
-            return self.model(views)
-        self._compile_pending = False
-        main = self.dist.is_main
-        if main:
-            progress.write(f"train.compile: compiling the training step (mode {self.cfg.train.compile_mode}; the "
-                           f"first run of a model on a machine takes a minute or more, later ones load it from "
-                           f"{os.environ.get('TORCHINDUCTOR_CACHE_DIR')})...")
-        t0 = time.perf_counter()
-        self._graphs_base = compiled.graphs()  # dynamo counts per process: earlier runs in it are not this one's
-        try:
-            out = self.model(views)
-        except Exception as exc:  # noqa: BLE001 - the compiler fails in many ways (missing headers, a lowering)
-            if self._norm_buffers:  # the failed call may have moved BatchNorm statistics
-                torch._foreach_copy_(self._norm_buffers, self._norm_snapshot)
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            warnings.warn(f"train.compile: compiling failed ({type(exc).__name__}: {first}); training eagerly",
-                          RuntimeWarning, stacklevel=2)
-            self.model = self._eager_model
-            return self.model(views)
-        self._graphs_logged = compiled.graphs() - self._graphs_base
-        if main:
-            progress.write(f"train.compile: compiled in {time.perf_counter() - t0:.1f} s "
-                           f"({self._graphs_logged} graph(s))")
-        return out
+    def _restore_norm_buffers(self) -> None:
+        """The normalization layers' running statistics as they were before this step's forward."""
+        if self._norm_buffers:
+            torch._foreach_copy_(self._norm_buffers, self._norm_snapshot)
 
     def fit(self) -> dict:
         """Train to the end (or ``train.max_steps``), checkpointing each epoch, then the kNN evaluation."""
@@ -526,13 +496,7 @@ class Trainer:
         row.update({k: float(v) for k, v in logs.items()})
         row["img_s"] = window["n"] * global_batch / max(window["time"], 1e-9)
         row["data_wait_pct"] = 100.0 * window["wait"] / max(window["time"], 1e-9)
-        if self.model is not self._eager_model:  # compiled: a graph count that grows means recompilation
-            graphs = compiled.graphs() - self._graphs_base
-            row["compiled_graphs"] = graphs
-            if graphs > self._graphs_logged and self.dist.is_main:
-                progress.write(f"warning: train.compile recompiled the step: {graphs} graphs now, "
-                               f"{self._graphs_logged} before (TORCH_LOGS=recompiles prints why)")
-            self._graphs_logged = graphs
+        row.update(self.train_forward.log_row())
         return row
 
     # ------------------------------------------------------------------------------------------- kNN
