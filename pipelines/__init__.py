@@ -27,7 +27,8 @@ from pipelines.formats import DatasetFormatError
 from pipelines.photometric import apply_photometric
 from pipelines.spec import PRESETS, MultiCropSpec, ViewSpec
 
-__all__ = ["PRESETS", "Batch", "Loader", "MultiCropSpec", "ViewSpec", "build_loader", "derive_seed", "replacements"]
+__all__ = ["PRESETS", "Batch", "Loader", "MultiCropSpec", "ViewSpec", "build_loader", "derive_seed", "replacements",
+           "resolve_device"]
 
 
 class Batch(NamedTuple):
@@ -63,6 +64,21 @@ def cpus_per_local_rank() -> int:
     """This rank's share of :func:`usable_cpus`: divided among torchrun's ranks on this host (LOCAL_WORLD_SIZE);
     0 when there are more ranks than cores."""
     return usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` with its index made explicit: a bare "cuda" becomes the current CUDA device (``cuda:N``, N the
+    index ``torch.cuda.set_device`` chose: the local rank under torchrun), or ``cuda:0`` where CUDA is not
+    initialised here (a forced device string on a CPU machine).
+
+    Every device that enters pipelines goes through this once: ``torch.device("cuda", 0) != torch.device("cuda")``,
+    so a comparison with an output's device, or DALI's ``device_id``, would otherwise go wrong on a bare "cuda"
+    (or pick GPU 0 on a second rank).
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return dev
 
 
 def derive_seed(*keys: int) -> int:
@@ -136,7 +152,7 @@ class Loader:
         self.spec, self.batch_size = spec, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, int(seed)
         self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.counts = [int(c) for c in counts]
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         total, n_shards = int(self.offsets[-1]), len(self.counts)
@@ -225,7 +241,11 @@ class Loader:
                 self.bad_samples.setdefault(sample_id, message)
             b += 1
             self._pos = (epoch, b)  # before yielding: the batch in the caller's hands counts as consumed
-            yield batch
+            # Handed over with no reference left here while suspended: the batch (~0.5 GB of views for 256 SwAV
+            # images) is freed when the caller drops it, not when the next one is asked for.
+            handed = [batch]
+            del batch
+            yield handed.pop()
         self._pos = (epoch + 1, 0)
 
     def _iter_epoch(self, epoch: int, start: int) -> Iterator[Batch]:
@@ -324,20 +344,24 @@ def prefetch(items: Iterator, device: torch.device, depth: int = 2) -> Iterator:
     thread.start()
     try:
         while True:
-            item, event = q.get()
-            if event is _DONE:
-                raise item
-            if item is _DONE:
+            got = list(q.get())  # [item, event]
+            if got[1] is _DONE:
+                raise got[0]
+            if got[0] is _DONE:
                 return
             if cuda:
-                current = torch.cuda.current_stream(device)
-                current.wait_event(event)
-                for t in _tensors(item):
-                    t.record_stream(current)
-            yield item
+                _hand_to_stream(got[0], got[1], torch.cuda.current_stream(device))
+            yield got.pop(0)  # no reference kept while suspended: the consumer's drop frees the item
     finally:
         stop.set()
         thread.join()
+
+
+def _hand_to_stream(item, event, stream) -> None:
+    """The consumer's ``stream`` waits for ``event`` (the item's work), and the item's tensors are recorded on it."""
+    stream.wait_event(event)
+    for t in _tensors(item):
+        t.record_stream(stream)
 
 
 def _tensors(item) -> Iterator[torch.Tensor]:
@@ -432,7 +456,7 @@ def build_loader(
     training = augment and not spec.is_deterministic
     shuffle = training if shuffle is None else shuffle
     drop_last = training if drop_last is None else drop_last
-    device = torch.device(device)
+    device = resolve_device(device)
     name = _resolve_backend(backend, device)
     module, cls_name, _, _ = _BACKENDS[name]
     cls = getattr(importlib.import_module(module), cls_name)

@@ -13,6 +13,11 @@ the box needs); DALI decodes (``fn.decoders.image``, "mixed" = nvJPEG on CUDA, "
 ``device_id=None``) and resizes each box with ``fn.resize(roi_start, roi_end)`` (a reversed x range
 is the flip), antialiased linear, uint8 out: one decoder op feeding 1 + V resize ops.
 
+The feed runs in a thread of ours, a few batches ahead, and hands DALI whole ``TensorListCPU`` batches,
+so the thread that iterates the loader (the training thread) does not spend the feed's ~18 ms of Python per
+256-image SwAV batch. On CUDA the pipeline's outputs are bound to the consumer's stream (no host wait) and
+copied on it; on a CPU they are shared with torch through DLPack, not copied.
+
 ``dali_photometric=True`` runs colour jitter / grayscale / blur / solarize / normalize in DALI instead
 (for the benchmark). Its random decisions are the shared stage's (``sample_photometric_params`` with
 the same generator keys), but DALI's ``color_twist`` applies brightness, contrast, saturation and hue
@@ -33,7 +38,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines import STREAM_CROP, STREAM_PHOTO, Batch, Loader, cpus_per_local_rank, derive_seed, replacements
+from pipelines import (
+    STREAM_CROP,
+    STREAM_PHOTO,
+    Batch,
+    Loader,
+    cpus_per_local_rank,
+    derive_seed,
+    prefetch,
+    replacements,
+)
 from pipelines.formats import DatasetFormatError, load_manifest, shard_counts, shard_paths
 from pipelines.photometric import JITTER_OPS, blur_kernel_size, sample_photometric_params
 from pipelines.spec import MultiCropSpec, ViewSpec
@@ -116,9 +130,13 @@ class DaliLoader(Loader):
         self.dali_photometric = bool(dali_photometric)
         self.prefetch = int(prefetch)
         self.decoder_device = "mixed" if self.device.type == "cuda" else "cpu"
+        # The GPU DALI runs on: the loader's device, whose index the base class resolved (a bare "cuda" on a
+        # second rank is that rank's GPU, not GPU 0); None runs DALI CPU-only.
+        self.device_id = self.device.index if self.device.type == "cuda" else None
         self._index_samples()
         self._fds: dict[int, int] = {}
         self._undecodable: dict[int, str] = {}  # positions whose bytes DALI's decoder refused (see _iter_epoch)
+        self._running: int | None = None  # the batch the live pipeline is running; None before it is built
 
     # ---- shard access ------------------------------------------------------------------------
     def _index_samples(self) -> None:
@@ -159,18 +177,26 @@ class DaliLoader(Loader):
                 pass
 
     # ---- what the Python side feeds DALI per batch --------------------------------------------
-    def _feed(self, positions: np.ndarray, epoch: int, b: int) -> list[list[np.ndarray]]:
-        """External-source inputs of one batch: jpegs, labels, per view roi_start and roi_end, and with
-        ``dali_photometric`` per view the 7 photometric parameters. Each a list of per-sample arrays."""
+    def _feed(self, positions: np.ndarray, epoch: int, b: int) -> list:
+        """External-source inputs of one batch, each a DALI ``TensorListCPU``: jpegs (a uint8 1-D sample each),
+        labels int32 (B, 1), the crop boxes float32 (B, V, 4) (per view roi_start (y, x) then roi_end (y, x), in
+        pixels: ``crop_rois``), and with ``dali_photometric`` the 7 photometric parameters float32 (B, V, 7).
+
+        Runs in the feed thread (``_run_pipeline``), batches ahead of DALI. The lists are built here, whole, so
+        that what DALI does with them on the training thread is a hand-over: a Python list of per-sample arrays
+        costs DALI a conversion per sample there (~4,600 of them per 256-image SwAV batch), and each input a call."""
+        from nvidia.dali.backend import TensorListCPU
+
         views = self.spec.views
-        jpegs, labels = [], []
-        rois: list[list] = [[] for _ in views]
-        bad = np.zeros(len(positions), dtype=bool)
+        n = len(positions)
+        jpegs: list[np.ndarray] = []
+        labels = np.empty((n, 1), dtype=np.int32)
+        rois = np.empty((n, len(views), 2, 2), dtype=np.float32)  # sample, view, start | end, (y, x)
+        bad = np.zeros(n, dtype=bool)
         for i, pos in enumerate(positions):
             pos = int(pos)
-            jpeg, label = self._read(pos)
+            jpeg, labels[i, 0] = self._read(pos)
             jpegs.append(np.frombuffer(jpeg, dtype=np.uint8))
-            labels.append(np.array([label], dtype=np.int32))
             # The header is parsed here for the crop box; a damaged one is found before DALI sees the bytes.
             why = self._undecodable.get(pos)
             try:
@@ -182,26 +208,24 @@ class DaliLoader(Loader):
                 bad[i] = True
                 size = (1, 1)
             rng = random.Random(derive_seed(self.seed, epoch, int(self.sample_ids[pos]), STREAM_CROP))
-            for v, roi in enumerate(crop_rois(*size, views, rng)):
-                rois[v].append(roi)
+            for v, (start, end) in enumerate(crop_rois(*size, views, rng)):
+                rois[i, v] = start, end
         if bad.any():  # each bad sample's slot takes the bytes, label and boxes of the next good one
             stand_in = replacements(bad, f"{self._where(int(positions[0]))} and the rest of its batch")
-            jpegs, labels = [jpegs[j] for j in stand_in], [labels[j] for j in stand_in]
-            rois = [[per_view[j] for j in stand_in] for per_view in rois]
-        out = [jpegs, labels]
-        for per_view in rois:
-            out.append([np.array(start, dtype=np.float32) for start, _ in per_view])
-            out.append([np.array(end, dtype=np.float32) for _, end in per_view])
+            jpegs, labels, rois = [jpegs[j] for j in stand_in], labels[stand_in], rois[stand_in]
+        out = [TensorListCPU(jpegs), TensorListCPU(labels), TensorListCPU(rois.reshape(n, len(views), 4))]
         if self.dali_photometric:
+            photo = np.empty((n, len(views), 7), dtype=np.float32)
             for i, view in enumerate(views):
                 gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank, b, i, STREAM_PHOTO))
-                p = sample_photometric_params(view, len(positions), gen)
+                p = sample_photometric_params(view, n, gen)
                 jit = p["jitter"]
                 eff = {k: torch.where(jit, p[k], torch.tensor(0.0 if k == "hue" else 1.0)) for k in JITTER_OPS}
                 cols = [eff["brightness"], eff["contrast"], eff["saturation"], eff["hue"] * 360.0,
                         p["gray"].float(), torch.where(p["blur"], p["sigma"], torch.tensor(_NO_BLUR_SIGMA)),
                         p["solarize"].float()]
-                out += [[np.float32(x) for x in col.numpy()] for col in cols]
+                photo[:, i] = torch.stack(cols, dim=1).numpy()
+            out.append(TensorListCPU(photo))
         return out
 
     # ---- the pipeline ------------------------------------------------------------------------
@@ -212,23 +236,22 @@ class DaliLoader(Loader):
 
         views, mean, std = self.spec.views, self.spec.mean, self.spec.std
         n_photo = 7 if self.dali_photometric else 0
-        n_inputs = 2 + 2 * len(views) + n_photo * len(views)
-        device_id = (self.device.index or 0) if self.device.type == "cuda" else None
 
-        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, device_id=device_id,
+        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
                       prefetch_queue_depth=self.prefetch, seed=derive_seed(self.seed, self.rank) % (1 << 31))
         def graph():
-            inputs = fn.external_source(source=source, num_outputs=n_inputs, batch=True)
-            jpegs, labels, rest = inputs[0], inputs[1], inputs[2:]
+            # no_copy: DALI takes the feed's lists as they are (they are not touched again once handed over).
+            inputs = fn.external_source(source=source, num_outputs=4 if n_photo else 3, batch=True, no_copy=True)
+            jpegs, labels, rois = inputs[:3]
             image = fn.decoders.image(jpegs, device=self.decoder_device, output_type=types.RGB)  # the one decode
             outs = [labels]
             for i, view in enumerate(views):
-                start, end = rest[2 * i], rest[2 * i + 1]
-                crop = fn.resize(image, size=[view.size, view.size], roi_start=start, roi_end=end,
+                # Per sample, row i of its (V, 4) boxes: roi_start (y, x), then roi_end (y, x).
+                crop = fn.resize(image, size=[view.size, view.size], roi_start=rois[i, 0:2], roi_end=rois[i, 2:4],
                                  interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.UINT8)
-                if self.dali_photometric:
-                    base = 2 * len(views) + n_photo * i
-                    crop = _dali_photometric(fn, types, crop, view, rest[base : base + n_photo], mean, std)
+                if n_photo:
+                    params = [inputs[3][i, k] for k in range(n_photo)]
+                    crop = _dali_photometric(fn, types, crop, view, params, mean, std)
                 outs.append(crop)
             return tuple(outs)
 
@@ -236,12 +259,19 @@ class DaliLoader(Loader):
         pipe.build()
         return pipe
 
-    def _to_torch(self, out) -> torch.Tensor:
-        """A dense DALI TensorList (CPU or GPU) -> a torch tensor on the loader's device (a copy).
+    def _consumer_stream(self):
+        """The CUDA stream of the thread that consumes the batches (the training step's), or None on CPU."""
+        return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
 
-        Only a GPU list goes through ``feed_ndarray`` into device memory: a CPU one (the labels, which stay on
-        the CPU in a GPU pipeline) would be memcpy'd by the host into a device pointer. Both kinds of list have
-        ``as_cpu``, so the test is on the type."""
+    def _to_torch(self, out, stream=None) -> torch.Tensor:
+        """A dense DALI TensorList (CPU or GPU) -> a torch tensor on the loader's device.
+
+        A GPU list is copied by ``feed_ndarray`` into device memory, on ``stream`` (the consumer's: the one DALI's
+        outputs are bound to). A CPU list (the labels of a GPU pipeline, everything of a CPU one) is not copied on
+        the host: the torch tensor shares its memory through DLPack, which holds the list (DALI's dynamic
+        executor, the default, keeps an output's memory for as long as it is referenced), then moves to the
+        device. A CPU list must never go through ``feed_ndarray``: it would memcpy by the host into a device
+        pointer. Both kinds of list have ``as_cpu``, so the test is on the type."""
         from nvidia.dali.backend import TensorListGPU
 
         if isinstance(out, TensorListGPU):
@@ -249,9 +279,18 @@ class DaliLoader(Loader):
 
             t = out.as_tensor()
             dst = torch.empty(t.shape(), dtype=_torch_dtype(t.dtype), device=self.device)
-            feed_ndarray(t, dst, cuda_stream=torch.cuda.current_stream(self.device))
+            feed_ndarray(t, dst, cuda_stream=stream)
             return dst
-        return torch.from_numpy(np.array(out.as_array(), copy=True)).to(self.device, non_blocking=True)
+        return torch.from_dlpack(out.as_tensor()).to(self.device, non_blocking=True)
+
+    def _batch(self, outs, stream, epoch: int, b: int) -> Batch:
+        """The Batch of one run's outputs (labels, then each view's uint8 (B, S, S, 3) crops)."""
+        labels = self._to_torch(outs[0], stream).reshape(-1).long()
+        # (B, S, S, 3) -> (B, 3, S, S) channels-last view, no copy
+        crops = [self._to_torch(o, stream).permute(0, 3, 1, 2) for o in outs[1:]]
+        views = ([c.contiguous(memory_format=self.memory_format) for c in crops] if self.dali_photometric
+                 else self.photometric(crops, epoch, b))
+        return Batch(views, labels)
 
     def _locate_undecodable(self, positions: np.ndarray, error: Exception) -> bool:
         """After DALI failed on a batch: decode its samples with PIL to find those that do not decode; they are
@@ -278,30 +317,40 @@ class DaliLoader(Loader):
             except DatasetFormatError:
                 raise
             except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError with its decoder's message
+                failed = self._running
+                if failed is None:  # the pipeline did not build (nvJPEG init, driver, device_id): its own error
+                    raise
                 # The failure surfaces at the batch being run or, prefetched, a few before the one that failed:
                 # look in those, then run a fresh pipeline from the batch being run, with the culprits replaced.
-                failed = self._next_batch
                 ahead = np.concatenate(plan[failed : failed + self.prefetch + 1])
                 if not self._locate_undecodable(ahead, e):
                     raise
                 b = failed
 
     def _run_pipeline(self, plan: list[np.ndarray], epoch: int, start: int) -> Iterator[Batch]:
+        """Batches ``start, start + 1, ...`` of the epoch's ``plan`` from a fresh pipeline (the source is this
+        epoch's plan from the resume point). ``self._running`` names the batch being run, None until the
+        pipeline is built.
+
+        The feed (two preads, a JPEG header parse and every view's crop box per image: ~18 ms of Python per
+        256-image SwAV batch) runs in a thread of ours, ``prefetch`` batches ahead: DALI's external source is not
+        parallel, so it would call the feed inside ``pipe.run()`` on the training thread. On CUDA the pipeline
+        runs on the consumer's stream: ``run(stream)`` returns outputs bound to it without the host waiting for
+        them (``run()`` without a stream synchronizes the host), and they are copied on that same stream."""
+        self._running = None
         batches = plan[start:]
-        source = (self._feed(pos, epoch, b) for b, pos in enumerate(batches, start=start))
-        # A fresh pipeline per epoch: the source is this epoch's plan from the resume point.
-        pipe = self.build_pipeline(source)
+        feeds = (self._feed(pos, epoch, b) for b, pos in enumerate(batches, start=start))
+        source = prefetch(feeds, torch.device("cpu"), depth=max(2, self.prefetch))
+        pipe = None
         try:
+            pipe = self.build_pipeline(source)
+            stream = self._consumer_stream()
             for b in range(start, start + len(batches)):
-                self._next_batch = b
-                outs = pipe.run()
-                labels = self._to_torch(outs[0]).reshape(-1).long()
-                # (B, S, S, 3) -> (B, 3, S, S) channels-last view, no copy
-                crops = [self._to_torch(o).permute(0, 3, 1, 2) for o in outs[1:]]
-                views = ([c.contiguous(memory_format=self.memory_format) for c in crops] if self.dali_photometric
-                         else self.photometric(crops, epoch, b))
-                yield Batch(views, labels)
+                self._running = b
+                # One expression: no local holds DALI's outputs or the batch while this generator is suspended.
+                yield self._batch(pipe.run() if stream is None else pipe.run(stream), stream, epoch, b)
         finally:
+            source.close()  # stops the feed thread
             del pipe
 
 

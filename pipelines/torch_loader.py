@@ -55,6 +55,7 @@ from pipelines import (
     derive_seed,
     prefetch,
     replacements,
+    resolve_device,
     undecodable,
 )
 from pipelines.formats import DatasetFormatError, iter_samples, load_manifest, shard_counts, shard_paths
@@ -677,7 +678,7 @@ class DeviceJpegDecoder:
     """
 
     def __init__(self, device: str | torch.device, prefer: str | None = None):
-        self.device = torch.device(device)
+        self.device = resolve_device(device)  # the probe's output says cuda:N, never a bare cuda
         prefer = prefer or os.environ.get("FASTSSL_JPEG_DECODER") or "auto"
         if prefer not in ("auto", *JPEG_DECODERS):
             raise ValueError(f"JPEG decoder must be 'auto' or one of {JPEG_DECODERS} (FASTSSL_JPEG_DECODER), "
@@ -715,12 +716,27 @@ class DeviceJpegDecoder:
                                 DeprecationWarning)
         return lambda jpegs: decode_jpeg(list(jpegs), mode=ImageReadMode.RGB, device=device)
 
+    def _drain_stream(self) -> None:
+        """On CUDA, wait on the host until the work queued on the current stream has run, before a decode.
+
+        The decode's outputs come from the caching allocator, which hands out a block as soon as it is freed on
+        this stream, trusting stream order for the kernels still queued to read it (the previous batch's crops,
+        in the prefetch thread's stream). nvJPEG's batched hardware decode writes without waiting for that
+        order (TorchCodec >= 0.17 host-waits for it inside decode_jpeg, 0.16 does not; torchvision decodes on
+        a private stream that never waits on ours), so such a block would be overwritten while queued crops
+        still read it. A host wait is the only barrier that holds: a stream-side wait does not gate that write.
+        """
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
     def __call__(self, jpegs: list[torch.Tensor]) -> list[torch.Tensor]:
+        self._drain_stream()
         return self._fn(jpegs)
 
     def decode_each(self, jpegs: list[torch.Tensor]) -> tuple[list[torch.Tensor | None], np.ndarray]:
         """After a batch failed: each JPEG decoded alone; returns the images (None where it failed) and the
         failures, bool (B,)."""
+        self._drain_stream()
         images: list[torch.Tensor | None] = []
         bad = np.zeros(len(jpegs), dtype=bool)
         for i, jpeg in enumerate(jpegs):

@@ -24,6 +24,12 @@ figure is the median of its rounds. The load average is recorded before and afte
 With many workers, make the timed batches span several batches per worker (a worker builds a whole batch):
 otherwise the round measures the pipeline filling up.
 
+Each of our backends also reports the training thread's share: the CPU time (``time.thread_time``, so a
+wait for data does not count) the thread iterating the loader spends inside it per batch, with the photometric
+stage apart (on a GPU that stage is kernel launches; on a CPU it is the same work whatever the backend). It is
+what a loader takes from the thread that also has to launch the model's kernels; measure it with DALI in CPU
+mode (``--device cpu``) to see DALI's Python-side feed on a machine without a GPU.
+
 ``--profile`` adds where the time goes, on one thread: per image, the JPEG decode, the crop boxes, the
 crop + resize of every view, and each photometric op at the recipe's firing rates (measured by running
 the shared stage with only that op's decisions left on), plus the best backend's throughput with the
@@ -45,6 +51,7 @@ import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -250,22 +257,65 @@ def availability(name: str) -> str | None:
 
 
 # ---- timing ---------------------------------------------------------------------------------------------
+class _PhotometricClock:
+    """Wraps a loader's ``photometric`` (instance attribute over the method) to add up the CPU time it takes on
+    the thread that iterates the loader: the part of that thread's time that on a GPU is kernel launches.
+    Calls from other threads (the torch backend's device-decode prefetch thread) are not counted."""
+
+    def __init__(self, loader):
+        self.seconds, self.thread = 0.0, threading.get_ident()
+        inner = loader.photometric
+
+        def timed(*args, **kwargs):
+            if threading.get_ident() != self.thread:
+                return inner(*args, **kwargs)
+            t0 = time.thread_time()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.seconds += time.thread_time() - t0
+
+        loader.photometric = timed
+
+
 def measure(make, batch_size: int, warmup: int, batches: int, device: torch.device) -> tuple[float, dict]:
-    """Build a stream with ``make()``, drop ``warmup`` batches, time ``batches``; images/s and details."""
+    """Build a stream with ``make()``, drop ``warmup`` batches, time ``batches``; images/s and details.
+
+    Also the training thread's share: per timed batch, the CPU time (``time.thread_time``: blocking waits for
+    data do not count) the iterating thread spent inside the loader, and within it the photometric stage's
+    (ours only). Details gain ``thread``: ``thread_ms`` (the loader's own work on that thread, photometric stage
+    excluded: the feed, the hand-off, the copies), ``photometric_ms`` and ``next_wall_ms`` (the wall time of one
+    ``next``, waits included), medians over the timed batches.
+    """
     stream, details, owner = make()
+    clock = _PhotometricClock(owner) if hasattr(owner, "photometric") else None
+    thread_s, photo_s, wall_s = [], [], []
     try:
         for _ in range(warmup):
             next(stream)
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(batches):
-            next(stream)
+            c0, p0, w0 = time.thread_time(), clock.seconds if clock else 0.0, time.perf_counter()
+            batch = next(stream)
+            c1, w1 = time.thread_time(), time.perf_counter()
+            # Freed after the clocks are read: releasing the consumer's batch (~480 MB of float32 views of a
+            # 256-image SwAV batch: munmap on a CPU, a pool operation on a GPU) is not the loader's work.
+            del batch
+            photo = (clock.seconds - p0) if clock else 0.0
+            thread_s.append(c1 - c0 - photo)
+            photo_s.append(photo)
+            wall_s.append(w1 - w0)
         _sync(device)
         dt = time.perf_counter() - t0
     finally:
         stream.close()
         del stream, owner
         gc.collect()
+    details = {**details, "thread": {
+        "thread_ms": round(statistics.median(thread_s) * 1e3, 2),
+        "photometric_ms": round(statistics.median(photo_s) * 1e3, 2) if clock else None,
+        "next_wall_ms": round(statistics.median(wall_s) * 1e3, 2)}}
     return batches * batch_size / dt, details
 
 
@@ -405,14 +455,20 @@ def _machine(device: torch.device) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| backend | img/s (median) | runs | x vs pil | note |", "|---|---:|---|---:|---|"]
+    """Markdown: img/s, rounds, ratio, and the training thread's CPU ms per batch inside the loader (photometric
+    stage apart; see ``measure``)."""
+    lines = ["| backend | img/s (median) | runs | x vs pil | training thread ms/batch (+ photometric) | note |",
+             "|---|---:|---|---:|---:|---|"]
     for r in results:
         if r["status"] != "ok":
-            lines.append(f"| {r['backend']} | - | - | - | {r['status']}: {r.get('reason', '')} |")
+            lines.append(f"| {r['backend']} | - | - | - | - | {r['status']}: {r.get('reason', '')} |")
             continue
         ratio = f"{r['ratio_vs_pil']:.2f}" if r.get("ratio_vs_pil") is not None else "-"
         runs = ", ".join(f"{x:.0f}" for x in r["img_s_runs"])
-        lines.append(f"| {r['backend']} | {r['img_s']:.1f} | {runs} | {ratio} | {r.get('note', '')} |")
+        thread = f"{r['thread_ms']:.2f}" if r.get("thread_ms") is not None else "-"
+        if r.get("photometric_ms") is not None:
+            thread += f" (+ {r['photometric_ms']:.1f})"
+        lines.append(f"| {r['backend']} | {r['img_s']:.1f} | {runs} | {ratio} | {thread} | {r.get('note', '')} |")
     return "\n".join(lines)
 
 
@@ -493,7 +549,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = pipelines.resolve_device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                                      else args.device)
     names = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in names if b not in OURS + EXTRA]
     if unknown:
@@ -534,10 +591,17 @@ def main(argv: list[str] | None = None) -> dict:
                 runnable.remove(name)
                 print(f"error {name}: {r['reason']}", flush=True)
                 continue
+            thread = details.pop("thread", None)
             r["img_s_runs"].append(round(img_s, 1))
             r["load_runs"].append([before, _load()])
             r["details"] = details
-            print(f"round {rnd + 1}/{args.repeats} {name:<7} {img_s:8.1f} img/s  (load {before:.2f})", flush=True)
+            line = f"round {rnd + 1}/{args.repeats} {name:<7} {img_s:8.1f} img/s  (load {before:.2f})"
+            if thread is not None:
+                r.setdefault("thread_runs", []).append(thread)
+                line += f"; training thread {thread['thread_ms']:.2f} ms/batch in the loader"
+                if thread["photometric_ms"] is not None:
+                    line += f" + {thread['photometric_ms']:.1f} ms photometric"
+            print(line, flush=True)
 
     base = results.get("pil", {})
     base_img_s = statistics.median(base["img_s_runs"]) if base.get("status") == "ok" else None
@@ -546,6 +610,9 @@ def main(argv: list[str] | None = None) -> dict:
         r = results[name]
         if r["status"] == "ok":
             r["img_s"] = round(statistics.median(r["img_s_runs"]), 1)
+            for key in ("thread_ms", "photometric_ms", "next_wall_ms"):
+                values = [t[key] for t in r.get("thread_runs", []) if t[key] is not None]
+                r[key] = round(statistics.median(values), 2) if values else None
             r["ratio_vs_pil"] = round(r["img_s"] / base_img_s, 2) if base_img_s else None
             if name == "decode":
                 r["note"] = "decode only (ceiling)"

@@ -170,6 +170,7 @@ def bench_reference(cfg_name: str, overrides: list[str], steps: int, window: int
 
 # ------------------------------------------------------------------------------------------------- main
 def _summary(rows: list[dict], warmup_windows: int) -> dict:
+    rows = [r for r in rows if "img_s" in r]  # metrics.jsonl also holds event rows (a skipped step, bad samples)
     timed = rows[warmup_windows:] or rows[-1:]
     return {"img_s": statistics.median(r["img_s"] for r in timed),
             "data_wait_pct": statistics.median(r["data_wait_pct"] for r in timed),

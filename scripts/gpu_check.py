@@ -1,24 +1,26 @@
 """Every GPU claim of fastssl checked in one command on a CUDA machine, within a time budget.
 
-    python scripts/gpu_check.py --out DIR [--budget-min 9] [--steps a,b,...] [--dry-run]
+    python scripts/gpu_check.py --out DIR [--budget-min 12] [--steps a,b,...] [--plan | --dry-run]
 
-Steps, in order (``--dry-run`` prints each one's exact command, its time cap and the plan's budget):
+Steps, most valuable first, each with a time cap (``--plan`` prints each one's exact command, its cap and the
+budget; ``--dry-run`` runs each step's CPU-possible part here, see below):
 
-  machine        GPU, driver, torch / CUDA and backend versions -> machine.json
-  gpu_tests      pytest -m gpu (every test that needs CUDA)
-  equivalence    tests/test_backend_equivalence.py with FASTSSL_TEST_DEVICE=cuda: dali, ffcv and torch (its
-                 worker, RAM-cache and device-decode modes) draw the spec's augmentation on the GPU
-  images         scripts/make_bench_images.py: ImageNet-like JPEGs, made here (nothing to carry)
-  convert        fastssl-convert of those images to shards and .beton (for the end-to-end runs)
-  loader         scripts/bench_loader.py, SwAV recipe (2x224 + 6x96), the loader alone, img/s per backend:
-                 dali (nvJPEG), ffcv (photometric stage on the GPU), torch with data.decode=device
-  train          scripts/bench_train.py, SwAV ResNet-50 end to end (bf16, channels-last) with dali and ffcv:
-                 img/s and data-wait %, and the plain reference loop in the same run
-  train_torch    the same with the torch backend and data.decode=device (its own run: the dali and ffcv
-                 runs refuse data.decode=device)
-  kernels        scripts/bench_kernels.py: fused Triton losses against their eager twins
-  optim          scripts/bench_optim.py: LARS paths (one fused CUDA launch vs loops) and the EMA update
-  decode_profile scripts/profile_device_decode.py: where data.decode=device spends its time, per decoder
+  machine          GPU, driver, torch / CUDA and backend versions -> machine.json
+  images           scripts/make_bench_images.py: ImageNet-like JPEGs, made here (nothing to carry)
+  convert          fastssl-convert of those images to shards and .beton
+  loader           1. scripts/bench_loader.py, DALI on the GPU (nvJPEG), SwAV recipe (2x224 + 6x96), batch 256:
+                   img/s, and the training thread's ms per batch inside the loader
+  train            2. scripts/bench_train.py, SwAV ResNet-50 end to end (bf16, channels-last, eager) with each
+                   loader (dali, ffcv, torch): img/s and data-wait %, and the plain reference loop in the same run
+  train_decode     3. the same with the torch backend and data.decode=device (its own run: the other backends
+                   refuse data.decode=device)
+  decode_profile   3. scripts/profile_device_decode.py: where data.decode=device spends its time, per decoder
+  train_compiled   4. the SwAV ResNet-50 run on DALI with train.compile=true, against step 2's eager dali figure
+  gpu_tests        5. pytest -m gpu (every test that needs CUDA)
+  equivalence      5. tests/test_backend_equivalence.py with FASTSSL_TEST_DEVICE=cuda: dali, ffcv and torch (its
+                   worker, RAM-cache and device-decode modes) draw the spec's augmentation on the GPU
+  kernels          6. scripts/bench_kernels.py: fused Triton losses against their eager twins
+  optim            6. scripts/bench_optim.py: LARS paths (one fused CUDA launch vs loops) and the EMA update
 
 Each step runs as its own process group with a time cap (killed when it runs past it) and its log in
 DIR/logs/. A step that fails or times out is recorded with the tail of its log, and the next one runs; a
@@ -26,6 +28,11 @@ step whose input step failed is skipped, and so is every step once the budget is
 also cut to what is left of it). After every step DIR/gpu_check.json and DIR/gpu_check.md (a table with
 each step's figures) are rewritten atomically, so a session that ends early still leaves the results so far.
 Exit status: 0 when every step passed, 1 otherwise.
+
+``--dry-run`` (on any machine, no GPU needed) runs every step in DIR/dry-run with its GPU-only values swapped
+for CPU ones and its sizes cut down (``Step.dry``: the device, batch sizes, repeats, the model's width and the
+view sizes): the same scripts, options, overrides and imports, so a wrong flag, a config key that does not exist
+or a missing import is found there and not in the GPU window. The GPU tests are collected and skipped.
 """
 
 from __future__ import annotations
@@ -47,11 +54,17 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS_JSON, RESULTS_MD = "gpu_check.json", "gpu_check.md"
 KILL_GRACE_S = 5  # after SIGTERM to the group, SIGKILL if it is still there
 MIN_STEP_S = 10  # a step is not started with less budget than this
+DEFAULT_BUDGET_MIN = 11.0  # one 15-minute GPU window less the machine's start and the wheelhouse's install
+DRY_CAP_S = 600  # a dry-run step's cap: a shared CPU is slower than the GPU node at some of them
 
 
 @dataclass
 class Step:
-    """One command of the check. ``needs``: steps that must have passed (else this one is skipped)."""
+    """One command of the check. ``needs``: steps that must have passed (else this one is skipped).
+
+    ``dry``: how the dry run changes the command for a CPU: ``{"--flag": "value"}`` replaces a flag's value,
+    ``{"key=": "value"}`` a ``key=value`` override (added when absent); ``dry_env``: the environment there.
+    """
 
     name: str
     what: str
@@ -60,11 +73,18 @@ class Step:
     env: dict[str, str] = field(default_factory=dict)
     needs: tuple[str, ...] = ()
     figures_from: str | None = None  # a JSON the command writes, read into the record's figures
+    dry: dict[str, str] = field(default_factory=dict)
+    dry_env: dict[str, str] | None = None
+
+
+# The dry run's training runs: the recipe and its overrides as on the GPU, the model and views shrunk for a CPU.
+_DRY_TRAIN = {"--window": "1", "--repeats": "1", "--workers": "1", "train.batch_size=": "16", "model.width=": "8",
+              "data.global_size=": "32", "data.local_size=": "16", "data.num_workers=": "1"}
 
 
 # ---- the plan ---------------------------------------------------------------------------------------------
 def plan(out: Path, python: str = sys.executable, cores: int | None = None) -> list[Step]:
-    """The steps of a full check writing into ``out``, with the exact commands."""
+    """The steps of a full check writing into ``out``, with the exact commands, most valuable first."""
     cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     workers = max(1, cores - 2)  # the main process and the GPU feeder keep a core each
     bench = out / "bench"
@@ -76,43 +96,82 @@ def plan(out: Path, python: str = sys.executable, cores: int | None = None) -> l
     script = lambda name: str(ROOT / "scripts" / name)  # noqa: E731
     return [
         Step("machine", "GPU, driver and package versions", [python, script("gpu_check.py"), "--machine-info",
-                                                               str(out / "machine.json")], 90,
+                                                               str(out / "machine.json")], 30,
              figures_from=str(out / "machine.json")),
-        Step("gpu_tests", "pytest -m gpu", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu",
-                                            str(ROOT / "tests")], 120),
-        Step("equivalence", "backend equivalence on the GPU (dali, ffcv, torch)",
-             [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests/test_backend_equivalence.py")],
-             120, env=cuda),
         Step("images", "bench images (make_bench_images.py)",
-             [python, script("make_bench_images.py"), "--out", str(images), "--n", "1024", "--no-progress"], 90),
+             [python, script("make_bench_images.py"), "--out", str(images), "--n", "1024", "--no-progress"], 40,
+             dry={"--n": "48"}),
         Step("convert", "shards + .beton of the bench images",
              [python, "-m", "fastssl.convert", str(images), str(data), "--formats", "wds,ffcv", "--max-side", "65536",
-              "--ffcv-max-side", "520", "--workers", str(cores), "--overwrite", "--no-progress"], 60,
-             needs=("images",)),
-        Step("loader", "loader alone, SwAV 2x224 + 6x96, img/s per backend",
+              "--ffcv-max-side", "520", "--workers", str(cores), "--overwrite", "--no-progress"], 40,
+             needs=("images",), dry={"--workers": "2"}),
+        Step("loader", "1. DALI loader on the GPU, SwAV 2x224 + 6x96, batch 256: img/s, training-thread ms",
              [python, script("bench_loader.py"), "--images", str(images), "--work", str(bench / "loader"),
-              "--recipe", "swav", "--backends", "dali,ffcv,torch", "--device", "cuda", "--torch-decode", "device",
-              "--batch-size", "256", "--batches", "16", "--warmup", "4", "--repeats", "2",
-              "--json", str(out / "bench_loader.json"), "--plot", str(out / "bench_loader.png")], 150,
-             needs=("images",), figures_from=str(out / "bench_loader.json")),
-        Step("train", "SwAV ResNet-50 end to end, dali + ffcv, reference loop",
-             [python, script("bench_train.py"), *swav, "--backend", "dali,ffcv", "--workers", str(cores),
-              "--json", str(out / "bench_train.json"), "--plot", str(out / "bench_train.png"), *train_common], 180,
-             needs=("convert",), figures_from=str(out / "bench_train.json")),
-        Step("train_torch", "SwAV ResNet-50 end to end, torch with data.decode=device",
+              "--recipe", "swav", "--backends", "dali", "--device", "cuda", "--batch-size", "256", "--batches", "16",
+              "--warmup", "4", "--repeats", "2", "--json", str(out / "bench_loader.json"),
+              "--plot", str(out / "bench_loader.png")], 90,
+             needs=("images",), figures_from=str(out / "bench_loader.json"),
+             dry={"--device": "cpu", "--batch-size": "8", "--batches": "1", "--warmup": "1", "--repeats": "1",
+                  "--workers": "1"}),
+        Step("train", "2. SwAV ResNet-50 end to end, eager, dali + ffcv + torch, reference loop",
+             [python, script("bench_train.py"), *swav, "--backend", "dali,ffcv,torch", "--workers", str(cores),
+              "--json", str(out / "bench_train.json"), "--plot", str(out / "bench_train.png"), *train_common,
+              "train.compile=false"], 200,
+             needs=("convert",), figures_from=str(out / "bench_train.json"), dry=_DRY_TRAIN),
+        Step("train_decode", "3. SwAV ResNet-50 end to end, torch with data.decode=device",
              [python, script("bench_train.py"), *swav, "--backend", "torch", "--skip-reference",
-              "--json", str(out / "bench_train_torch.json"), *train_common, "data.decode=device", "data.cache=none"],
-             90, needs=("convert",), figures_from=str(out / "bench_train_torch.json")),
-        Step("kernels", "fused loss kernels vs eager (no torch.compile column: its compiles take minutes)",
+              "--json", str(out / "bench_train_decode.json"), *train_common, "train.compile=false",
+              "data.decode=device", "data.cache=none"],
+             70, needs=("convert",), figures_from=str(out / "bench_train_decode.json"), dry=_DRY_TRAIN),
+        Step("decode_profile", "3. data.decode=device per decoder",
+             [python, script("profile_device_decode.py"), "--data", str(data), "--device", "cuda", "--batches", "8",
+              "--workers", str(workers)], 40, needs=("convert",),
+             dry={"--device": "cpu", "--batch": "8", "--batches": "2", "--workers": "1"}),
+        Step("train_compiled", "4. SwAV ResNet-50 on dali with train.compile=true (eager: step 2's dali figure)",
+             [python, script("bench_train.py"), *swav, "--backend", "dali", "--skip-reference",
+              "--json", str(out / "bench_train_compiled.json"), *train_common, "train.compile=true"],
+             180, needs=("convert",), figures_from=str(out / "bench_train_compiled.json"), dry=_DRY_TRAIN),
+        Step("gpu_tests", "5. pytest -m gpu", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu",
+                                               str(ROOT / "tests")], 90),
+        Step("equivalence", "5. backend equivalence on the GPU (dali, ffcv, torch)",
+             [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests/test_backend_equivalence.py")],
+             90, env=cuda, dry_env={}),
+        Step("kernels", "6. fused loss kernels vs eager (no torch.compile column: its compiles take minutes)",
              [python, script("bench_kernels.py"), "--device", "cuda", "--no-compile",
-              "--json", str(out / "bench_kernels.json")], 60, figures_from=str(out / "bench_kernels.json")),
-        Step("optim", "LARS and EMA paths", [python, script("bench_optim.py"), "--device", "cuda",
-                                             "--json", str(out / "bench_optim.json")], 60,
-             figures_from=str(out / "bench_optim.json")),
-        Step("decode_profile", "data.decode=device per decoder",
-             [python, script("profile_device_decode.py"), "--data", str(data), "--batches", "8",
-              "--workers", str(workers)], 60, needs=("convert",)),
+              "--json", str(out / "bench_kernels.json")], 45, figures_from=str(out / "bench_kernels.json"),
+             dry={"--device": "cpu", "--reps": "1"}),
+        Step("optim", "6. LARS and EMA paths", [python, script("bench_optim.py"), "--device", "cuda",
+                                                "--json", str(out / "bench_optim.json")], 45,
+             figures_from=str(out / "bench_optim.json"), dry={"--device": "cpu", "--repeats": "1", "--warmup": "0"}),
     ]
+
+
+def dry_command(step: Step) -> tuple[list[str], dict[str, str]]:
+    """The step's command and environment for the dry run (``Step.dry``, ``Step.dry_env``)."""
+    cmd = list(step.cmd)
+    scripts = [i for i, a in enumerate(cmd) if a.endswith(".py")]
+    for key, value in step.dry.items():
+        if key.endswith("="):
+            at = [i for i, a in enumerate(cmd) if a.startswith(key)]
+            if at:
+                cmd[at[-1]] = key + value
+            else:
+                cmd.append(key + value)
+        elif key in cmd:
+            cmd[cmd.index(key) + 1] = value
+        else:  # right after the script: before its positional key=value overrides, which argparse takes last
+            at = scripts[0] + 1 if scripts else len(cmd)
+            cmd[at:at] = [key, value]
+    return cmd, dict(step.env if step.dry_env is None else step.dry_env)
+
+
+def dry_steps(out: Path) -> list[Step]:
+    """The plan for ``out`` with every command made its dry-run version (same names, needs and figures)."""
+    steps = []
+    for step in plan(out):
+        cmd, env = dry_command(step)
+        steps.append(Step(**{**asdict(step), "cmd": cmd, "env": env, "cap_s": max(step.cap_s, DRY_CAP_S)}))
+    return steps
 
 
 def format_plan(steps: list[Step], budget_s: float) -> str:
@@ -247,7 +306,9 @@ def _figures_of(name: str, data: dict) -> dict:
     if name == "machine":
         return {k: data.get(k) for k in ("gpu", "driver", "torch", "cuda", "dali", "ffcv", "torchcodec", "cpus")}
     if name == "loader":
-        return {r["backend"]: (f"{r['img_s']:.0f} img/s" if r.get("status") == "ok" else r.get("status"))
+        return {r["backend"]: (f"{r['img_s']:.0f} img/s" + (f", training thread {r['thread_ms']:.2f} ms/batch"
+                                                           if r.get("thread_ms") is not None else "")
+                               if r.get("status") == "ok" else r.get("status"))
                 for r in data.get("results", [])}
     if name.startswith("train"):
         figures = {}
@@ -344,9 +405,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", type=Path, help="results folder (gpu_check.json, gpu_check.md, logs/, bench data)")
-    ap.add_argument("--budget-min", type=float, default=9.0, help="total minutes for all steps")
+    ap.add_argument("--budget-min", type=float, default=DEFAULT_BUDGET_MIN,
+                    help="total minutes for all steps")
     ap.add_argument("--steps", default="", help="comma-separated subset of the steps, in plan order (default: all)")
-    ap.add_argument("--dry-run", action="store_true", help="print the plan, its commands and budget; run nothing")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--plan", action="store_true", help="print the plan, its commands and budget; run nothing")
+    mode.add_argument("--dry-run", action="store_true",
+                      help="run every step's CPU-possible part here, in DIR/dry-run (see the module docstring)")
     ap.add_argument("--machine-info", type=Path, metavar="FILE", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.machine_info:
@@ -357,7 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.budget_min <= 0:
         ap.error(f"--budget-min must be positive, got {args.budget_min}")
     out = args.out.resolve()
-    steps = plan(out)
+    if args.dry_run:
+        out = out / "dry-run"
+    steps = dry_steps(out) if args.dry_run else plan(out)
     if args.steps:
         wanted = [s.strip() for s in args.steps.split(",") if s.strip()]
         unknown = sorted(set(wanted) - {s.name for s in steps})
@@ -367,9 +434,9 @@ def main(argv: list[str] | None = None) -> int:
         # A chosen step whose input step was left out uses what an earlier run made (bench images, conversion).
         chosen = {s.name for s in steps}
         steps = [Step(**{**asdict(s), "needs": tuple(n for n in s.needs if n in chosen)}) for s in steps]
-    budget_s = args.budget_min * 60
+    budget_s = sum(s.cap_s for s in steps) if args.dry_run else args.budget_min * 60  # a dry run: each step's cap
     print(format_plan(steps, budget_s), flush=True)
-    if args.dry_run:
+    if args.plan:
         return 0
     results = run_steps(steps, out, budget_s)
     bad = [s["name"] for s in results["steps"] if s["status"] != "ok"]

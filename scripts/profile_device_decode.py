@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines import build_loader  # noqa: E402
+from pipelines import build_loader, resolve_device  # noqa: E402
 from pipelines.formats import iter_samples, shard_paths  # noqa: E402
 from pipelines.spec import MultiCropSpec  # noqa: E402
 from pipelines.torch_loader import JPEG_DECODERS, DeviceJpegDecoder  # noqa: E402
@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 3) - 2))
     ap.add_argument("--batches", type=int, default=12)
     args = ap.parse_args()
-    dev = torch.device(args.device)
+    dev = resolve_device(args.device)
     jpegs = [torch.frombuffer(bytearray(j), dtype=torch.uint8)
              for p in shard_paths(Path(args.data), "train") for _, j, _ in iter_samples(p)][: args.batch]
     print(f"{len(jpegs)} JPEGs, {sum(len(j) for j in jpegs) / len(jpegs) / 1e3:.0f} kB each, device {dev}")

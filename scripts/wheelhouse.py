@@ -1,7 +1,7 @@
 """Write every wheel an offline node needs for fastssl's loaders, in parts small enough to carry.
 
     python scripts/wheelhouse.py --python 3.12 --out DIR [--part-mib 60] [--exclude torch,torchvision,triton]
-        [--torch 2.11.0] [--extra 'torchcodec==0.16.*'] [--platform manylinux_2_28_x86_64] [--work CACHE]
+        [--torch 2.11.0] [--extra REQ] [--replace OLD=NEW] [--platform manylinux_2_28_x86_64] [--work CACHE]
 
 Run it on a machine with a package index. DIR receives, for a Linux x86_64 node with CPython X.Y:
 
@@ -13,7 +13,10 @@ Run it on a machine with a package index. DIR receives, for a Linux x86_64 node 
   Python's interpreter (pyenv's, or ``--interpreter``) and, when it holds native code, made self-contained
   with auditwheel: the shared libraries it links (libturbojpeg, OpenCV) are copied into the wheel;
 - nothing of the ``--exclude``d packages (the node has them: by default torch, torchvision, triton), nor of
-  what only they depend on (CUDA runtime wheels of torch, sympy, ...).
+  what only they depend on (CUDA runtime wheels of torch, sympy, ...). For the H200 node pass ``H200_NODE``'s
+  list (below; README: "GPU node");
+- in the wheels built here, ``--replace``d requirements: FFCV's ``opencv-python`` becomes
+  ``opencv-python-headless`` (the same ``cv2``; a node with the headless build would otherwise get both).
 
 The dependency closure is resolved by pip for the target (``pip install --dry-run --report`` with
 ``--python-version`` / ``--platform``), with ``--torch`` pinning the node's torch so that the rest is
@@ -62,6 +65,11 @@ MANIFEST, REQUIREMENTS, TRANSFERS = "WHEELHOUSE.json", "REQUIREMENTS.txt", "TRAN
 INSTALLER = "install_offline.sh"
 EXTRAS = ("dali-cu13", "ffcv", "codec")
 DEFAULT_EXCLUDE = "torch,torchvision,triton"
+DEFAULT_REPLACE = "opencv-python=opencv-python-headless"
+# What the H200 node has (pass it to --exclude, with --torch 2.11.0): its torch stack, numba, OpenCV (headless),
+# the test and bench-image packages, and numpy and pillow, which those need.
+H200_NODE = ("torch,torchvision,triton,numba,llvmlite,opencv-python-headless,scipy,scikit-image,matplotlib,pytest,"
+             "pytest-timeout,numpy,pillow")
 # What scripts/gpu_check.py needs beyond fastssl's runtime: the test runner and the test and bench-image deps.
 DEFAULT_TOOLS = "pytest,pytest-timeout,scipy,scikit-image,matplotlib"  # the CPU suite's needs (dev extra less ruff)
 
@@ -355,6 +363,54 @@ def build_from_source(req: str, target: Target, local: Path, work: Path) -> Path
     return dst
 
 
+def apply_replacements(wheels: list[Path], replacements: dict[str, str]) -> None:
+    """``replace_requirements`` on each wheel built here (cached ones from an earlier run too), logging changes."""
+    for wheel in wheels:
+        for change in replace_requirements(wheel, replacements):
+            log(f"  {wheel.name}: requires {change} (--replace)")
+
+
+def replace_requirements(wheel: Path, replacements: dict[str, str]) -> list[str]:
+    """Rewrite the wheel's ``Requires-Dist`` lines that name a key of ``replacements`` (canonical names) to name its
+    value instead, version and marker kept; the RECORD entry of METADATA follows, the file is replaced atomically.
+    Returns the lines changed (none when already rewritten: a rerun changes nothing).
+
+    Why: FFCV requires ``opencv-python``; a node that has ``opencv-python-headless`` (the same ``cv2`` without the
+    GUI libraries) would get a second OpenCV beside it, and 76 MiB more to carry."""
+    import base64
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as z:
+        infos = z.infolist()
+        meta_name = next(i.filename for i in infos if re.fullmatch(r"[^/]+\.dist-info/METADATA", i.filename))
+        record_name = meta_name.rsplit("/", 1)[0] + "/RECORD"
+        contents = {i.filename: z.read(i) for i in infos}
+    lines, changed = contents[meta_name].decode("utf-8").split("\n"), []
+    for i, line in enumerate(lines):
+        if not line.startswith("Requires-Dist:"):
+            continue
+        req = Requirement(line.split(":", 1)[1].strip())
+        new = replacements.get(canonicalize_name(req.name))
+        if new is None:
+            continue
+        req.name = new
+        lines[i] = f"Requires-Dist: {req}"
+        changed.append(f"{line.split(':', 1)[1].strip()} -> {req}")
+    if not changed:
+        return []
+    meta = "\n".join(lines).encode("utf-8")
+    digest = base64.urlsafe_b64encode(hashlib.sha256(meta).digest()).rstrip(b"=").decode()
+    record = [f"{meta_name},sha256={digest},{len(meta)}" if row.split(",", 1)[0] == meta_name else row
+              for row in contents[record_name].decode("utf-8").splitlines()]
+    contents[meta_name], contents[record_name] = meta, ("\n".join(record) + "\n").encode("utf-8")
+    tmp = wheel.with_name(f".{wheel.name}.tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for info in infos:
+            z.writestr(info, contents[info.filename])
+    os.replace(tmp, wheel)
+    return changed
+
+
 def note_built_platforms(wheel: Path, target: Target) -> None:
     """Let the resolver take a wheel built here: auditwheel tags it after this machine's glibc, which may be newer
     than ``--platform``; the node then needs that glibc too, and we say so."""
@@ -374,8 +430,11 @@ def missing_requirement(pip_stderr: str) -> str | None:
     return m.group(1).split(";")[0] if m else None  # older pips print the marker's ';' too
 
 
-def resolve(roots: list[str], target: Target, local: Path, work: Path, built: dict[str, Path]) -> dict:
-    """pip's installation report for ``roots`` on the target; sdist-only dependencies are built and retried."""
+def resolve(roots: list[str], target: Target, local: Path, work: Path, built: dict[str, Path],
+            replacements: dict[str, str] | None = None) -> dict:
+    """pip's installation report for ``roots`` on the target; sdist-only dependencies are built (their requirements
+    rewritten by ``replacements``) and retried."""
+    replacements = replacements or {}
     report = work / "report.json"
     for _ in range(20):  # each round builds one missing wheel
         cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
@@ -391,7 +450,8 @@ def resolve(roots: list[str], target: Target, local: Path, work: Path, built: di
             tail = "\n".join(proc.stderr.strip().splitlines()[-25:])
             raise SystemExit(f"resolving for Python {target.python} failed: {' '.join(cmd)}\n{tail}")
         log(f"  no {target.abi} wheel of {req} on the index: building it")
-        built[canonicalize_name(Requirement(req).name)] = build_from_source(req, target, local, work)
+        built[canonicalize_name(Requirement(req).name)] = wheel = build_from_source(req, target, local, work)
+        apply_replacements([wheel], replacements)
     raise SystemExit("resolving: more than 20 packages had to be built from source; giving up")
 
 
@@ -485,8 +545,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--torch", default=None,
                     help="the node's torch version, e.g. 2.11.0: the rest is resolved compatible with it")
     ap.add_argument("--extra", action="append", default=[],
-                    help="another requirement or pin to resolve with fastssl, e.g. 'torchcodec==0.16.*' (repeat)")
+                    help="another requirement or pin to resolve with fastssl, e.g. 'nvidia-dali-cuda130==2.4.*' "
+                    "(repeat)")
     ap.add_argument("--extras", default=",".join(EXTRAS), help="fastssl's extras to include")
+    ap.add_argument("--replace", default=DEFAULT_REPLACE,
+                    help="OLD=NEW,...: in the wheels built here, a requirement of OLD becomes one of NEW (FFCV's "
+                    "opencv-python: the headless build is the same cv2); '' for none")
     ap.add_argument("--tools", default=DEFAULT_TOOLS,
                     help="what gpu_check.py runs with (tests, bench images); '' for none")
     ap.add_argument("--transfer-mib", type=float, default=62,
@@ -508,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
                           capture_output=True, text=True, check=True).stdout.strip()
     target = Target(args.python, interpreter, full, args.platform)
     exclude = {canonicalize_name(x) for x in args.exclude.split(",") if x.strip()}
+    replacements = parse_replacements(args.replace, ap)
     cache_home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     work = (args.work or cache_home / "fastssl" / "wheelhouse" / f"py{args.python}").resolve()
     local = work / "local"
@@ -524,8 +589,9 @@ def main(argv: list[str] | None = None) -> int:
     built = {canonicalize_name(p.name.split("-")[0]): p for p in local.glob("*.whl") if p != fastssl}
     for wheel in built.values():  # from an earlier run
         note_built_platforms(wheel, target)
+    apply_replacements(list(built.values()), replacements)
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
-    report = resolve([root, *pins, *args.extra, *tools], target, local, work, built)
+    report = resolve([root, *pins, *args.extra, *tools], target, local, work, built, replacements)
     keep = closure(report, [root, *args.extra, *tools], exclude, target.markers())
     dropped = sorted(i["metadata"]["name"] for k, i in _report_nodes(report).items() if k not in keep)
     log(f"closure: {len(keep)} packages; left out (excluded or needed only by them): {len(dropped)}")
@@ -540,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     _atomic_write_text(out / REQUIREMENTS, "".join(f"{r}\n" for r in requirements))
     manifest = {
         "python": args.python, "interpreter_version": full, "platform": args.platform, "excluded": sorted(exclude),
+        "replaced": replacements,
         "torch_resolved_against": args.torch or _version_of(report, "torch"), "part_mib": args.part_mib,
         "packages": [{"name": n.name, "version": n.version, "file": f.name, "bytes": f.stat().st_size,
                       "source": "built here" if f.parent == local else "index"}
@@ -562,6 +629,20 @@ def main(argv: list[str] | None = None) -> int:
     log(f"{len(transfers)} transfers of at most {args.transfer_mib:g} MiB carry it: see {out / TRANSFERS}")
     log(f"check: (cd {out} && sha256sum -c --quiet {SUMS}); install there: bash {out / INSTALLER} {out}")
     return 0
+
+
+def parse_replacements(text: str, ap: argparse.ArgumentParser | None = None) -> dict[str, str]:
+    """``--replace``'s ``OLD=NEW,...`` as {canonical OLD: NEW}."""
+    out = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        old, sep, new = item.partition("=")
+        if not sep or not old.strip() or not new.strip():
+            message = f"--replace: {item!r} is not OLD=NEW (e.g. opencv-python=opencv-python-headless)"
+            if ap is not None:
+                ap.error(message)
+            raise ValueError(message)
+        out[canonicalize_name(old)] = new.strip()
+    return out
 
 
 def write_transfer_plan(out: Path, cap_bytes: int) -> list[list[str]]:

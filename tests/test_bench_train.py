@@ -66,3 +66,12 @@ def test_bench_step_times_both_layouts_and_the_per_view_loop(tmp_path, capsys):
     assert report["best"] in {f"{r['layout']}/{r['mode']}" for r in rows[:2]}
     assert json.loads(out_json.read_text())["best"] == report["best"]
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"best={report['best']}"
+
+
+def test_summary_skips_the_event_rows_of_metrics():
+    """A skipped step writes an event row (no img/s) into metrics.jsonl: the window figures leave it out (it made
+    the summary raise KeyError: 'img_s', found by gpu_check's dry run)."""
+    rows = [{"step": 1, "img_s": 10.0, "data_wait_pct": 5.0},
+            {"step": 1, "event": "nonfinite_grad", "bad_steps_in_row": 1},
+            {"step": 2, "img_s": 20.0, "data_wait_pct": 1.0}, {"step": 3, "img_s": 30.0, "data_wait_pct": 3.0}]
+    assert _bench_train()._summary(rows, 1) == {"img_s": 25.0, "data_wait_pct": 2.0, "windows": [20.0, 30.0]}

@@ -231,3 +231,96 @@ def test_an_epoch_reads_every_sample_when_shards_do_not_divide_by_the_world_size
     spec = MultiCropSpec.preset("byol", global_size=16)
     assert_epoch_reads_every_sample(lambda r: _dali(tiny_gray_dataset, spec, batch, rank=r, world_size=world_size,
                                                     seed=5), 96, world_size, batch, dataset_labels(tiny_gray_dataset))
+
+
+# ---- GPU paths checked without a GPU ------------------------------------------------------------------------
+def test_a_bare_cuda_device_builds_the_pipeline_on_the_ranks_own_gpu(tiny_dataset, monkeypatch):
+    """Under torchrun rank 1 of a node has set_device(1): a bare "cuda" is GPU 1, and DALI's device_id must say 1
+    (it said 0: ``(device.index or 0)``, so every rank's DALI ran on GPU 0)."""
+    import nvidia.dali
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    loader = DaliLoader(tiny_dataset, MultiCropSpec.preset("byol", global_size=16), 8, device="cuda", num_workers=1)
+    assert loader.device == torch.device("cuda", 1) and loader.decoder_device == "mixed"
+    seen = {}
+
+    class Built(Exception):
+        pass
+
+    def pipeline_def(**kwargs):
+        seen.update(kwargs)
+        raise Built
+
+    monkeypatch.setattr(nvidia.dali, "pipeline_def", pipeline_def)
+    with pytest.raises(Built):
+        loader.build_pipeline(iter([]))
+    assert seen["device_id"] == 1
+
+
+def test_a_pipeline_that_fails_to_build_raises_its_own_error(tiny_dataset, monkeypatch):
+    """A GPU-only build failure (nvJPEG init, a DALI/driver mismatch, a wrong device_id) surfaces as itself; the
+    handler read the batch being run before the pipeline existed and raised an AttributeError instead."""
+    loader = _dali(tiny_dataset, MultiCropSpec.preset("byol", global_size=16))
+
+    def broken(source):
+        raise RuntimeError("nvJPEG initialization failed (NVJPEG_STATUS_ARCH_MISMATCH)")
+
+    monkeypatch.setattr(loader, "build_pipeline", broken)
+    with pytest.raises(RuntimeError, match="NVJPEG_STATUS_ARCH_MISMATCH"):
+        next(iter(loader))
+
+
+class _FakePipe:
+    """A built pipeline's stand-in: records how ``run`` is called, returns one byol batch of CPU outputs."""
+
+    def __init__(self, n: int, error: Exception | None = None):
+        from nvidia.dali.backend import TensorListCPU
+
+        self.calls, self.error = [], error
+        crops = np.zeros((n, 16, 16, 3), dtype=np.uint8)
+        self.outs = (TensorListCPU(np.zeros((n, 1), dtype=np.int32)), TensorListCPU(crops), TensorListCPU(crops))
+
+    def run(self, *args):
+        self.calls.append(args)
+        if self.error is not None:
+            raise self.error
+        return self.outs
+
+
+def test_a_run_failure_with_decodable_data_raises_the_pipelines_error(tiny_dataset, monkeypatch):
+    loader = _dali(tiny_dataset, MultiCropSpec.preset("byol", global_size=16))
+    monkeypatch.setattr(loader, "build_pipeline", lambda source: _FakePipe(8, RuntimeError("CUDA driver too old")))
+    with pytest.raises(RuntimeError, match="CUDA driver too old"):
+        next(iter(loader))
+
+
+def test_on_cuda_the_pipeline_runs_on_the_consumers_stream(tiny_dataset, monkeypatch):
+    """``pipe.run()`` without a stream makes the host wait for DALI's GPU work on the training thread; given the
+    consumer's stream, the outputs are bound to it and copied on it. Checked without a GPU: a stream stand-in."""
+    loader = _dali(tiny_dataset, MultiCropSpec.preset("byol", global_size=16))
+    stream, copied_on = object(), []
+    pipe = _FakePipe(8)
+    real = loader._to_torch
+    monkeypatch.setattr(loader, "build_pipeline", lambda source: pipe)
+    monkeypatch.setattr(loader, "_consumer_stream", lambda: stream)
+    monkeypatch.setattr(loader, "_to_torch", lambda out, s=None: copied_on.append(s) or real(out))
+    batch = next(iter(loader))
+    assert pipe.calls == [(stream,)] and copied_on == [stream] * 3
+    assert [tuple(v.shape) for v in batch.views] == [(8, 3, 16, 16)] * 2
+
+
+def test_the_feed_runs_off_the_thread_that_iterates_the_loader(tiny_dataset, monkeypatch):
+    """DALI's external source calls its source inside ``pipe.run()``: the reads, header parses and crop boxes of
+    every batch ran on the training thread. They run in the loader's feed thread; the batches stay the same."""
+    import threading
+
+    spec = MultiCropSpec.preset("swav", global_size=32, local_size=16)
+    reference = list(_dali(tiny_dataset, spec, seed=3))
+    loader = _dali(tiny_dataset, spec, seed=3)
+    threads = []
+    real = loader._feed
+    monkeypatch.setattr(loader, "_feed", lambda *a: threads.append(threading.get_ident()) or real(*a))
+    batches = list(loader)
+    assert len(threads) == len(batches) and threading.get_ident() not in threads
+    assert_same_batches(batches, reference)

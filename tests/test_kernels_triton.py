@@ -17,7 +17,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from fastssl import kernels  # noqa: E402
 from fastssl.kernels import reference  # noqa: E402
@@ -210,3 +210,128 @@ def test_byol_trains_the_same_through_the_fused_kernel(monkeypatch):
     loss_r, grad_r = loss_and_grads("reference")
     torch.testing.assert_close(loss_t, loss_r, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_t, grad_r, rtol=1e-4, atol=1e-6)
+
+
+# ---- split-K: too few row blocks for the GPU's SMs -------------------------------------------------------------
+@pytest.mark.parametrize("splits", [2, 5])
+@pytest.mark.parametrize("mode", ["queue", "self", "plain"])
+def test_keys_cut_into_parts_match_the_twin(splits, mode):
+    """The forward's partial logsumexps merged, and dq's parts summed, give the twin's loss and gradients: with the
+    positive as an extra logit (MoCo v2's queue), with a left-out column (NT-Xent), and plain (MoCo v3)."""
+    from fastssl.kernels import info_nce_triton
+
+    n, m, d = 13, 150, 20  # D = 20: key blocks of 64, so 150 keys are 3 blocks; 5 parts become 3
+    q, pos = _rand(n, d, seed=11), _rand(n, d, seed=12)
+    keys = _rand(m, d, seed=13)
+    with torch.no_grad():
+        for t in (q, pos, keys):
+            t.copy_(torch.nn.functional.normalize(t, dim=1))
+    self_col = torch.arange(n, device=DEVICE) * 7 if mode == "self" else None
+    out = info_nce_triton.contrastive_rows(q, pos, keys, 0.2, self_col, extra_pos=mode == "queue", splits=splits)
+    q2, pos2, keys2 = _twin_inputs(q, pos, keys)
+    ref = reference.contrastive_rows(q2, pos2, keys2, 0.2, self_col, extra_pos=mode == "queue")
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    g = torch.rand(n, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    _close_grads([q, pos, keys], [q2, pos2, keys2], torch.float32)
+
+
+def test_too_few_row_blocks_split_the_keys_to_fill_the_gpu():
+    """MoCo v2's bench shape on a 132-SM H100: 4,096 rows are 64 programs; cut into 5 parts of keys, 320."""
+    from fastssl.kernels import info_nce_triton
+
+    cfg = info_nce_triton._config(torch.float32, 256)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    splits = info_nce_triton.key_splits(4096, 65536, bm, bn, sms=132)
+    assert 4096 // bm == 64 and splits == 5 and 64 * splits >= 2 * 132
+    assert info_nce_triton.key_splits(65536, 65536, bm, bn, sms=132) == 1  # enough rows: no merge to pay
+    assert info_nce_triton.key_splits(64, 256, bm, bn, sms=132) == 1  # too few keys to be worth cutting
+    per = info_nce_triton._keys_per_split(65536, splits, bn)
+    assert per % bn == 0 and -(-65536 // per) == splits
+
+
+# ---- configurations that fit the GPU's shared memory ------------------------------------------------------------
+class _SharedMemoryOf:
+    """A kernel whose launch fails as Triton's does on a GPU with too little shared memory for the configurations
+    that ``too_big`` picks out, and runs (interpreted) otherwise."""
+
+    def __init__(self, kernel, too_big):
+        self.kernel, self.too_big, self.launched = kernel, too_big, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **cfg):
+            from triton.runtime.errors import OutOfResources
+
+            if self.too_big(cfg):
+                raise OutOfResources(196608, 166912, "shared memory")
+            self.launched.append(cfg)
+            return self.kernel[grid](*args, **cfg)
+        return launch
+
+
+def test_a_configuration_too_big_for_the_gpu_falls_back_to_one_that_fits(monkeypatch):
+    """fp32 with 256 < D <= 512 takes 192-197 KiB at 3 stages: an H100's 227 KiB holds it, an A100's 163 KiB not.
+    Triton refuses such a launch (OutOfResources); the kernels then take the next configuration, and remember it."""
+    from fastssl.kernels import info_nce_triton as it
+
+    monkeypatch.setattr(it, "_FITS", {})
+    kernels_ = {}
+    for name in ("_fwd_kernel", "_dq_kernel", "_dk_kernel"):
+        kernels_[name] = _SharedMemoryOf(getattr(it, name), lambda cfg: "num_stages" not in cfg)
+        monkeypatch.setattr(it, name, kernels_[name])
+    q, pos, keys = (_rand(9, 20, seed=s) for s in (21, 22, 23))
+    for _ in range(2):
+        out = it.contrastive_rows(q, pos, keys, 0.2)
+        out.sum().backward()
+    q2, pos2, keys2 = _twin_inputs(q, pos, keys)
+    ref = reference.contrastive_rows(q2, pos2, keys2, 0.2)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    assert all(k.launched and all(c.get("num_stages") == 2 for c in k.launched) for k in kernels_.values())
+    assert sorted(v for v in it._FITS.values()) == [1, 1, 1]
+
+    for name in kernels_:  # nothing fits: one line that says what to do
+        monkeypatch.setattr(it, name, _SharedMemoryOf(kernels_[name].kernel, lambda cfg: True))
+    monkeypatch.setattr(it, "_FITS", {})
+    with pytest.raises(RuntimeError, match="no configuration fits this GPU's shared memory.*FASTSSL_KERNELS=reference"):
+        it.contrastive_rows(q, pos, keys, 0.2)
+
+
+_SHARED_MEMORY_OF_DK = """
+import json, sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastssl.kernels import info_nce_triton as it
+
+kernel = it._dk_kernel
+signature = {a: "*fp32" if a.endswith("_ptr") else "fp32" if a == "inv_t" else "constexpr" if a.isupper() else "i32"
+             for a in kernel.arg_names}
+signature["self_ptr"] = "*i32"
+out = []
+for cfg, arch in zip(it._configs(torch.float32, 512), (90, 80, 86)):
+    constants = {"HAS_SELF": True, **{k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}}
+    src = ASTSource(kernel, signature, {a: constants[a] for a in kernel.arg_names if a.isupper()})
+    options = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
+    out.append(triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).metadata.shared)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_the_fallback_configurations_fit_a100_and_sm86_shared_memory_when_compiled(tmp_path):
+    """Compiled for each architecture here (Triton compiles without a GPU; in a fresh process, as this one
+    interprets): the widest kernel (dkeys), fp32 with D = 512. The first configuration fits sm_90's 227 KiB but
+    not sm_80's 163 KiB, the second fits sm_80, the last sm_86's 99 KiB."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(root)}
+    run = subprocess.run([sys.executable, "-c", _SHARED_MEMORY_OF_DK], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    first, second, last = json.loads(run.stdout.strip().splitlines()[-1])
+    kib = 1024
+    assert 163 * kib < first <= 227 * kib and second <= 163 * kib and last <= 99 * kib, (first, second, last)

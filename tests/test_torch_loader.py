@@ -579,3 +579,56 @@ def test_training_runs_with_device_decoding(tiny_dataset, tmp_path):
     assert trainer.loader.decode == "device"
     assert results["steps"] == 3 and math.isfinite(results["final_loss"])
     assert load_checkpoint(out / "checkpoints" / "last.pt")["loader"] == {"epoch": 0, "batch": 3}
+
+
+# ---- GPU paths checked without a GPU: device strings and stream order -----------------------------------------
+class _ImageOnCuda:
+    """What a decoder returns on cuda:N, for a machine without CUDA: the probe reads only shape and device."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.shape, self.device = (3, 8, 16), device or torch.device("cuda", 0)
+
+
+def test_a_bare_cuda_device_string_resolves_to_an_index_the_decoders_probe_accepts(monkeypatch):
+    """decode_jpeg(device="cuda") returns tensors on cuda:0; compared with a bare torch.device("cuda") that is a
+    different device, and both decoders were refused ("no JPEG decoder works on cuda")."""
+    from pipelines import resolve_device
+    from pipelines.torch_loader import DeviceJpegDecoder
+
+    monkeypatch.setattr(DeviceJpegDecoder, "_load", lambda self, name: lambda jpegs: [_ImageOnCuda() for _ in jpegs])
+    decoder = DeviceJpegDecoder("cuda")
+    assert decoder.name == "torchcodec" and decoder.device == torch.device("cuda", 0)
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device("cuda:3") == torch.device("cuda", 3)
+    # A second rank on the node: torchrun's set_device(local_rank) made GPU 1 current; a bare "cuda" means it.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+
+
+def test_the_device_decoder_waits_for_its_stream_before_every_decode(monkeypatch):
+    """The decode's output blocks may be ones the previous batch's queued crops still read: the host waits for the
+    current (prefetch) stream before each decode call, the batch one and the one-by-one retry."""
+    from pipelines.torch_loader import DeviceJpegDecoder
+
+    events = []
+
+    class Stream:
+        def synchronize(self):
+            events.append("sync")
+
+    def decode(jpegs, device):
+        events.append(f"decode {len(jpegs)}")
+        return [_ImageOnCuda(device) for _ in jpegs]
+
+    monkeypatch.setattr(DeviceJpegDecoder, "_load", lambda self, name: lambda jpegs: decode(jpegs, self.device))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    decoder = DeviceJpegDecoder("cuda:0")
+    events.clear()
+    decoder([_jpeg_tensor(0), _jpeg_tensor(1)])
+    assert events == ["sync", "decode 2"]
+    events.clear()
+    decoder.decode_each([_jpeg_tensor(0), _jpeg_tensor(1)])
+    assert events[0] == "sync" and events.count("decode 1") == 2
+    events.clear()
+    DeviceJpegDecoder("cpu")([_jpeg_tensor(0)])  # CPU: nothing to wait for
+    assert events == ["decode 1", "decode 1"]  # the probe, the call

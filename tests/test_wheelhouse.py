@@ -235,3 +235,66 @@ def test_fastssl_is_built_from_its_source_files_only(tmp_path):
     wh.copy_sources(repo, dst)
     assert sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file()) == [
         ".gitignore", "pkg/mod.py", "pkg/new.py"]
+
+
+# ---- requirements of wheels built here ------------------------------------------------------------------------
+def _wheel(path: Path, requires: list[str]) -> Path:
+    """A minimal wheel of 'demo 1.0' with those Requires-Dist lines and a RECORD that hashes its files."""
+    import base64
+    import zipfile
+
+    files = {"demo/__init__.py": b"x = 1\n",
+             "demo-1.0.dist-info/METADATA": ("Metadata-Version: 2.1\nName: demo\nVersion: 1.0\n"
+                                             + "".join(f"Requires-Dist: {r}\n" for r in requires)).encode(),
+             "demo-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = [f"{n},sha256={base64.urlsafe_b64encode(hashlib.sha256(d).digest()).rstrip(b'=').decode()},{len(d)}"
+              for n, d in files.items()] + ["demo-1.0.dist-info/RECORD,,"]
+    files["demo-1.0.dist-info/RECORD"] = ("\n".join(record) + "\n").encode()
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    return path
+
+
+def test_ffcvs_opencv_requirement_becomes_the_headless_build_the_node_has(tmp_path):
+    """FFCV 1.0.2 requires opencv-python: beside the node's opencv-python-headless it would install a second cv2
+    (76 MiB more to carry). The built wheel's requirement is rewritten, RECORD still verifies, a rerun is a no-op."""
+    import base64
+    import zipfile
+
+    old = "OpenCV_Python>=4; python_version >= '3.8'"
+    wheel = _wheel(tmp_path / "demo-1.0-py3-none-any.whl", ["numba", "opencv-python", old])
+    replacements = wh.parse_replacements(wh.DEFAULT_REPLACE)
+    changed = wh.replace_requirements(wheel, replacements)
+    assert changed == ["opencv-python -> opencv-python-headless",
+                       f"{old} -> opencv-python-headless>=4; python_version >= \"3.8\""]
+    with zipfile.ZipFile(wheel) as z:
+        meta = z.read("demo-1.0.dist-info/METADATA")
+        rows = dict(line.split(",", 1) for line in z.read("demo-1.0.dist-info/RECORD").decode().splitlines())
+        assert z.read("demo/__init__.py") == b"x = 1\n"
+    requires = [line.split(": ", 1)[1] for line in meta.decode().splitlines() if line.startswith("Requires-Dist")]
+    assert requires == ["numba", "opencv-python-headless", 'opencv-python-headless>=4; python_version >= "3.8"']
+    digest = base64.urlsafe_b64encode(hashlib.sha256(meta).digest()).rstrip(b"=").decode()
+    assert rows["demo-1.0.dist-info/METADATA"] == f"sha256={digest},{len(meta)}"
+    before = wheel.read_bytes()
+    assert wh.replace_requirements(wheel, replacements) == [] and wheel.read_bytes() == before
+    # With the node's headless OpenCV excluded, nothing of OpenCV is carried.
+    report = _report({"app": ["demo"], "demo": requires[:2], "numba": [], "opencv-python-headless": []})
+    target = wh.Target("3.12", Path(sys.executable), "3.12.1", "manylinux_2_28_x86_64")
+    assert set(wh.closure(report, ["app"], {"opencv-python-headless", "numba"}, target.markers())) == {"app", "demo"}
+
+
+def test_replacements_are_parsed_and_bad_ones_refused():
+    assert wh.parse_replacements("opencv-python=opencv-python-headless, A_B=c") == {
+        "opencv-python": "opencv-python-headless", "a-b": "c"}
+    assert wh.parse_replacements("") == {}
+    with pytest.raises(ValueError, match="'opencv-python' is not OLD=NEW"):
+        wh.parse_replacements("opencv-python")
+
+
+def test_the_h200_node_list_names_what_the_node_has():
+    """torch 2.11, Triton 3.6, numba, llvmlite, opencv-python-headless, scipy, scikit-image, matplotlib, pytest and
+    pytest-timeout; numpy and pillow come with them."""
+    assert set(wh.H200_NODE.split(",")) == {"torch", "torchvision", "triton", "numba", "llvmlite",
+                                             "opencv-python-headless", "scipy", "scikit-image", "matplotlib", "pytest",
+                                             "pytest-timeout", "numpy", "pillow"}

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import pipelines
 from fastssl.config import ConfigError, build_spec, refused_changes_message, resume_changes, validate
-from fastssl.engine import compiled, distributed, layout
+from fastssl.engine import compiled, determinism, distributed, layout
 from fastssl.engine.checkpoint import CheckpointDir, load_checkpoint, rng_state, set_rng_state
 from fastssl.engine.knn import extract_features, knn_top1
 from fastssl.engine.monitor import DataWaitMonitor, open_wandb
@@ -75,7 +75,7 @@ class Trainer:
         if self.cfg.train.threads > 0:
             torch.set_num_threads(self.cfg.train.threads)
         if self.cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True)
+            determinism.enable(self.device)  # on CUDA: cuBLAS's workspace setting, before the first matmul
 
     def _setup(self) -> None:
         cfg, d = self.cfg, self.dist

@@ -122,6 +122,13 @@ class VisionTransformer(nn.Module):
             return self.pos_embed
         if not self.learned_pos:
             return sincos_pos_embed(h, w, self.feat_dim).to(self.pos_embed.device)
+        if torch.are_deterministic_algorithms_enabled():
+            # Bicubic resizing is separable and linear: the same weights as matrices, (h, grid) and (w, grid),
+            # give the same table, and a backward of matmuls; F.interpolate's bicubic backward has no
+            # deterministic CUDA kernel and raises in this mode.
+            table = self.pos_embed.reshape(self.grid, self.grid, -1)
+            rows, cols = (_bicubic_weights(self.grid, n, table) for n in (h, w))
+            return torch.einsum("hi,ijd,wj->hwd", rows, table, cols).reshape(h * w, -1)
         table = self.pos_embed.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
         table = F.interpolate(table, size=(h, w), mode="bicubic", align_corners=False)
         return table.permute(0, 2, 3, 1).reshape(h * w, -1)
@@ -133,6 +140,15 @@ class VisionTransformer(nn.Module):
         cls = self.cls_token.to(tokens.dtype).expand(b, 1, d)
         x = self.blocks(torch.cat([cls, tokens], dim=1))
         return self.norm(x[:, 0])
+
+
+def _bicubic_weights(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+    """(n_out, n_in) matrix of ``F.interpolate(mode="bicubic", align_corners=False)`` along one axis: row i holds
+    the weights output i takes from each input (taps clamped at the edges), read off by resizing the identity.
+    No gradient flows through it; dtype and device of ``like``."""
+    eye = torch.eye(n_in, dtype=like.dtype, device=like.device).reshape(n_in, 1, n_in, 1)
+    with torch.no_grad():
+        return F.interpolate(eye, size=(n_out, 1), mode="bicubic", align_corners=False)[:, 0, :, 0].T
 
 
 # name -> (patch, embed dim, depth, heads, image size). ViT-S has 12 heads, as in MoCo v3 (DeiT-S has 6).
