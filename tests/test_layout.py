@@ -93,6 +93,7 @@ def test_loader_views_follow_its_memory_format(tiny_dataset):
 
 
 def test_trainer_runs_the_model_and_its_views_in_the_chosen_layout(tiny_gray_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTSSL_CACHE_DIR", str(tmp_path / "cache"))  # not an earlier test's cached choice
     monkeypatch.setattr(layout, "measure", lambda *a, **k: {"channels_last": 0.3, "contiguous": 0.1})
     seen = []
     cfg = load_config("byol_resnet18_fmnist", [
