@@ -7,7 +7,8 @@ run. Rows: channels-last and NCHW, eager and (``--compile``) ``torch.compile``; 
 printed too. ``--per-view-loop`` adds the per-view methods' old form (one forward per view) beside the batched
 forward with per-view BatchNorm.
 
-    python scripts/bench_step.py --method byol,simclr,swav,mocov3 --threads 1 --batch 64 --compile --json step.json
+    python scripts/bench_step.py --method byol,simclr,swav,mocov3 --threads 1 --batch 64 --compile yes --json s.json
+    python scripts/bench_step.py --config byol_resnet50_imagenet --batch 128 --compile yes --device cuda
 
 The last line is ``best=<layout>/<mode>`` for the first method (what ``train.channels_last=auto`` and the
 ``train.compile`` default should pick on this device).
@@ -42,7 +43,7 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_cell(cfg, device: torch.device, batch: int, channels_last: bool, compile_step: bool, warmup: int,
-               repeats: int) -> dict:
+               repeats: int, compile_mode: str = "default") -> dict:
     """Median seconds of one forward + backward + SGD step, and the first call's seconds."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
@@ -56,7 +57,7 @@ def bench_cell(cfg, device: torch.device, batch: int, channels_last: bool, compi
     model = method
     if compile_step:
         compiled.prepare(device)
-        model = torch.compile(method, dynamic=False)
+        model = compiled.compile_model(method, compile_mode, device) or method
     amp = _AMP_DTYPES[cfg.train.precision]
     times = []
     for _ in range(warmup + repeats):
@@ -83,7 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--compile", action="store_true", help="also the compiled step (a minute or more per cell)")
+    ap.add_argument("--compile", choices=("no", "yes"), default="no",
+                    help="yes: also the compiled step (a minute or more per cell on a CPU)")
+    ap.add_argument("--compile-mode", default="default", help="torch.compile mode of the compiled cells")
     ap.add_argument("--per-view-loop", action="store_true",
                     help="also one forward per view (the per-view methods' plain form) in the faster layout")
     ap.add_argument("--json", type=Path)
@@ -97,9 +100,9 @@ def main(argv: list[str] | None = None) -> dict:
     for method in methods:
         cfg = load_config(args.config or f"{method}_resnet18_fmnist", list(args.overrides))
         batch = args.batch or cfg.train.batch_size
-        cells = [(cl, comp) for comp in ([False, True] if args.compile else [False]) for cl in (True, False)]
+        cells = [(cl, comp) for comp in ([False, True] if args.compile == "yes" else [False]) for cl in (True, False)]
         for cl, comp in cells:
-            r = bench_cell(cfg, device, batch, cl, comp, args.warmup, args.repeats)
+            r = bench_cell(cfg, device, batch, cl, comp, args.warmup, args.repeats, args.compile_mode)
             rows.append({"method": method, "layout": "channels_last" if cl else "nchw",
                          "mode": "compiled" if comp else "eager", **r})
             print(f"{method:<8} {rows[-1]['layout']:<14} {rows[-1]['mode']:<9} {r['ms']:9.1f} ms/step  "
