@@ -137,8 +137,8 @@ def build_script(spec: JobSpec, written: datetime | None = None) -> str:
         "",
         *spec.setup,
         f"export FASTSSL_RESUBMIT={shlex.quote(spec.resubmit)}",
-        'echo "fastssl-submit: job ${SLURM_JOB_ID}, run ${SLURM_RESTART_COUNT:-0} of it, on ${SLURM_JOB_NODELIST}, '
-        '$(date -Iseconds)"',
+        'echo "fastssl-submit: job ${SLURM_JOB_ID} (requeued ${SLURM_RESTART_COUNT:-0} times so far) on '
+        '${SLURM_JOB_NODELIST}, $(date -Iseconds)"',
         "# SLURM signals this shell too when it requeues or cancels the job; the ranks (srun's tasks) handle it.",
         "trap 'echo \"fastssl-submit: the batch shell got SIGTERM; the ranks finish their step and save\"' TERM",
         shlex.join(_launch(spec)),

@@ -17,6 +17,7 @@ written), :func:`stop_outcome` decides on rank 0 from the signal and the job's r
   exit 0; the requeued job resumes with ``resume=auto``, same folder, same logger runs.
 * SIGTERM after SLURM itself requeued the job (``scontrol requeue`` by someone, preemption in REQUEUE mode: its
   ``Restarts`` count is already past this run's ``SLURM_RESTART_COUNT``): nothing to do, exit 0.
+* SIGTERM at the time limit itself (no ``--signal``, or it came too late; Reason=TimeLimit): requeue, as above.
 * SIGTERM of a cancelled job (``scancel``: the job is no longer RUNNING): no requeue; exit 128 + signal.
 """
 
@@ -154,9 +155,12 @@ def stop_outcome(signum: int, max_requeues: int, resubmit: str, environ: Mapping
         return StopOutcome(False, f"SLURM requeues job {jid} itself (scontrol requeue or a preemption): its next run "
                                   f"resumes from this checkpoint", 0)
     state = info.get("JobState", "?")
-    if state != "RUNNING":
-        return StopOutcome(False, f"SLURM job {jid} is {state} (cancelled), so it is not requeued; to go on: "
-                                  f"{resubmit}", 128 + signum)
+    # The time limit itself (SIGTERM, KillWait seconds before SIGKILL; no --signal, or it came too late): the job
+    # is COMPLETING with Reason=TimeLimit, and a finished job may still be requeued.
+    at_limit = state == "TIMEOUT" or info.get("Reason") == "TimeLimit"
+    if state != "RUNNING" and not at_limit:
+        return StopOutcome(False, f"SLURM job {jid} was cancelled (JobState={state}), so it is not requeued; to go "
+                                  f"on: {resubmit}", 128 + signum)
     if done >= max_requeues:
         return StopOutcome(False, f"SLURM job {jid} is not requeued: it was requeued {done} times already "
                                   f"(slurm.max_requeues={max_requeues}); to go on: {resubmit}", 128 + signum)
