@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     status, results = run_reporting(cfg, parser.prog)
     if status:
         parser.exit(status)
-    if int(os.environ.get("RANK", "0")) == 0 and not args.no_results:
-        print(json.dumps(results))
+    if int(os.environ.get("RANK", "0")) == 0 and not args.no_results and results is not None:
+        print(json.dumps(results))  # (None: stopped, and the SLURM job requeued)
     return 0
 
 

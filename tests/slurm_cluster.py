@@ -5,8 +5,9 @@ The config: this host as the only compute node, with 8 CPUs declared (``SlurmdPa
 container has 2 cores, and several 2-task test jobs run side by side; stalled ranks sleep), ``proctrack/linuxproc``
 and ``task/none`` (no cgroups here), ``auth/munge`` with a munged of our own (own key and socket), free ports
 instead of the default 6817/6818, all state under the temp folder. A second partition ``gpu`` of 4 nodes with
-8 GPUs each exists only on paper (its nodes are DOWN, nothing runs there): ``sbatch --test-only`` checks a
-4 x 8 GPU script against it. Job records stay 10 minutes after the end (``MinJobAge``) so tests read them with
+8 GPUs each exists only on paper (no slurmd; IDLE, and never pinged: ``SlurmdTimeout=0``; measured: a DOWN
+node makes ``--test-only`` answer "Requested node configuration is not available" for any request): ``sbatch
+--test-only`` checks a 4 x 8 GPU script against it. Nothing is ever submitted there for real. Job records stay 10 minutes after the end (``MinJobAge``) so tests read them with
 ``scontrol show job``; there is no accounting daemon (no ``sacct``).
 
 What does not run here: GPU jobs (no GPU), cgroup-based limits (no cgroups in the container), PMIx (the slurmd
@@ -114,10 +115,11 @@ SlurmdPidFile={r}/slurmd.pid
 SlurmctldLogFile={r}/log/slurmctld.log
 SlurmdLogFile={r}/log/slurmd.log
 ReturnToService=2
+SlurmdTimeout=0
 KillWait=30
 MinJobAge=600
 NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN
-NodeName=paper-gpu[1-4] NodeAddr=127.0.0.2 CPUs=64 RealMemory=500000 Gres=gpu:8 State=DOWN
+NodeName=paper-gpu[1-4] NodeAddr=127.0.0.2 CPUs=64 RealMemory=500000 Gres=gpu:8 State=IDLE
 PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=paper-gpu[1-4] MaxTime=INFINITE State=UP
 """)
@@ -144,9 +146,11 @@ PartitionName=gpu Nodes=paper-gpu[1-4] MaxTime=INFINITE State=UP
     def stop(self) -> None:
         """Cancel what still runs, stop the daemons we started (by their pids), and wait for them."""
         subprocess.run([_which("scancel") or "scancel", "--user=root"], env=self.env, capture_output=True)
-        self.scontrol("shutdown", check=False)
-        deadline = time.monotonic() + 20
-        for pid in reversed(self._pids):
+        self.scontrol("shutdown", check=False)  # slurmctld and slurmd
+        deadline = time.monotonic() + 10
+        for pid in reversed(self._pids):  # munged first: it does not hear scontrol
+            if _alive(pid) and pid == self._pids[0]:
+                os.kill(pid, signal.SIGTERM)
             while time.monotonic() < deadline and _alive(pid):
                 time.sleep(0.1)
             if _alive(pid):

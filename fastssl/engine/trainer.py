@@ -297,13 +297,18 @@ class Trainer:
     def fit(self) -> dict:
         """Train to the end (or ``train.max_steps``), checkpointing each epoch, then the kNN evaluation; the run
         folder is held meanwhile (a second run on it is refused: RunFolderBusy)."""
-        check_dataset(self.cfg, self.dist.world_size)  # before the loader reads an image or the run folder exists
-        wait = self.cfg.slurm.lock_wait_s if slurm_job.is_requeue() else 0.0  # the old job may still be exiting
-        self.run_lock = hold_run_folder(self.out_dir, is_main=self.dist.is_main, wait_s=wait,
-                                        agree=distributed.broadcast_from_main, say=progress.write)
+        # From the start: a stop signal that comes during the setup (SLURM's time-limit warning included, whose
+        # default action would kill the process) stops the run after its first step.
+        self.stop_signals.install()
         try:
+            check_dataset(self.cfg, self.dist.world_size)  # before the loader reads an image or the folder exists
+            wait = self.cfg.slurm.lock_wait_s if slurm_job.is_requeue() else 0.0  # the old job may be exiting
+            self.run_lock = hold_run_folder(self.out_dir, is_main=self.dist.is_main, wait_s=wait,
+                                            agree=distributed.broadcast_from_main, say=progress.write)
             return self._fit()
         finally:
+            if not self.stop_signals.finished:
+                self.stop_signals.restore()
             if self.run_lock is not None:
                 self.run_lock.release()
 
@@ -333,7 +338,6 @@ class Trainer:
         window = {"n": 0, "time": 0.0, "wait": 0.0}
         loss = None
         self.method.on_train_start(self.steps_per_epoch, self.total_steps)
-        self.stop_signals.install()
         try:
             while self.step < self.stop_step and not self._stop_signum:
                 if self.batch_in_epoch == 0:
