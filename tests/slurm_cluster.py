@@ -7,8 +7,9 @@ and ``task/none`` (no cgroups here), ``auth/munge`` with a munged of our own (ow
 instead of the default 6817/6818, all state under the temp folder. A second partition ``gpu`` of 4 nodes with
 8 GPUs each exists only on paper (no slurmd; IDLE, and never pinged: ``SlurmdTimeout=0``; measured: a DOWN
 node makes ``--test-only`` answer "Requested node configuration is not available" for any request): ``sbatch
---test-only`` checks a 4 x 8 GPU script against it. Nothing is ever submitted there for real. Job records stay 10 minutes after the end (``MinJobAge``) so tests read them with
-``scontrol show job``; there is no accounting daemon (no ``sacct``).
+--test-only`` checks a 4 x 8 GPU script against it; nothing is ever submitted there for real. Job records stay
+10 minutes after the end (``MinJobAge``) so tests read them with ``scontrol show job``; there is no accounting
+daemon (no ``sacct``).
 
 What does not run here: GPU jobs (no GPU), cgroup-based limits (no cgroups in the container), PMIx (the slurmd
 log says so once; ``MpiDefault=none``).

@@ -2,60 +2,28 @@
 with fastssl-submit's script and sbatch, ranks started by srun, requeued by ``scontrol requeue`` and by the time
 limit's ``--signal=USR1``, and resumed to the same final state as an uninterrupted run.
 
-This file is also the jobs' training entry point (``--entry tests/test_slurm.py``): it registers ``stalling_byol``,
-FlakyBYOL (test_resume.py) that, in a job's first run (no SLURM_RESTART_COUNT) and when FASTSSL_TEST_STALL_AT is
-set, waits at that (1-based) step until a stop signal has reached the process. A job is thus always mid-run when
-it is requeued, whenever the scheduler's signal comes (SLURM checks time limits every 30 s).
+The jobs train ``stalling_byol`` (test_resume.py, which is their entry point): in a job's first run it waits in
+step FASTSSL_TEST_STALL_AT until a stop signal has come, so a job is always mid-run when it is requeued, whenever
+the scheduler's signal comes (SLURM checks time limits every 30 s).
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from slurm_cluster import LocalSlurm, ensure_installed
+from test_resume import STEPS_PER_EPOCH_2_RANKS, TEST_METHODS, _assert_same_training_state, _env, _overrides, _rows
 
-if __package__ in (None, "") and __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from test_resume import FlakyBYOL
-
+from fastssl.engine.checkpoint import load_checkpoint
+from fastssl.engine.slurm_job import first_host
 from fastssl.methods import METHODS
 
-
-class StallingBYOL(FlakyBYOL):
-    def forward(self, views):
-        stall_at = int(os.environ.get("FASTSSL_TEST_STALL_AT", "0"))
-        if self.calls + 1 == stall_at and not os.environ.get("SLURM_RESTART_COUNT"):  # FlakyBYOL counts calls
-            stop = getattr(signal.getsignal(signal.SIGUSR1), "__self__", None)  # the trainer's StopSignals
-            deadline = time.monotonic() + 240
-            while stop is not None and stop.signum is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-        return super().forward(views)
-
-
-TEST_METHODS = {"stalling_byol": f"{__name__}:StallingBYOL"}
-
-if __name__ == "__main__":
-    METHODS.update(TEST_METHODS)
-    from fastssl.train import main
-
-    sys.exit(main())
-
-# ---------------------------------------------------------------------------------------------------- tests
-from slurm_cluster import LocalSlurm, ensure_installed  # noqa: E402
-from test_resume import STEPS_PER_EPOCH_2_RANKS, _assert_same_training_state, _env, _overrides, _rows  # noqa: E402
-
-from fastssl.engine.checkpoint import load_checkpoint  # noqa: E402
-from fastssl.engine.slurm_job import first_host  # noqa: E402
-
 pytestmark = pytest.mark.slow
-THIS = Path(__file__).resolve()
-ROOT = THIS.parents[1]
+ENTRY = Path(__file__).resolve().parent / "test_resume.py"  # registers stalling_byol, then trains
 TOTAL_STEPS = 3 * STEPS_PER_EPOCH_2_RANKS  # 2 ranks, global batch 16, 3 epochs of the 96-image tiny set
 
 
@@ -88,7 +56,7 @@ def _submit(slurm: LocalSlurm, monkeypatch, name: str, data: Path, out: Path, *,
     overrides = _overrides(data, out, **{"method.name": "stalling_byol", **(extra or {})})
     argv = ["--config", "byol_resnet18_fmnist", "--name", name, "--gpus-per-node", "0", "--tasks-per-node",
             str(tasks), "--cpus-per-task", "1", "--time", time_limit, "--signal-seconds", str(signal_seconds),
-            "--entry", str(THIS), *overrides]
+            "--entry", str(ENTRY), *overrides]
     for key, value in {**_env(), "SLURM_CONF": str(slurm.conf), "FASTSSL_TEST_STALL_AT": str(stall_at)}.items():
         monkeypatch.setenv(key, value)  # sbatch hands the submitting environment to the job
     spec = spec_from_args(_parser().parse_intermixed_args(argv))
@@ -136,7 +104,7 @@ def test_requeued_and_timed_out_jobs_resume_to_the_uninterrupted_runs_state(slur
     default action kills a process that has not reached the trainer yet)."""
     data = tiny_gray_dataset
     reference_out = tmp_path / "reference"
-    ref_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(THIS),
+    ref_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ENTRY),
                "--config", "byol_resnet18_fmnist", *_overrides(data, reference_out, **{"method.name": "stalling_byol"})]
     reference_env = _env()  # before _submit puts the stall into this process's environment
     a_out, b_out = tmp_path / "requeued", tmp_path / "timelimit"
