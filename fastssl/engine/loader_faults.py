@@ -77,5 +77,5 @@ def describe_worker_death(death: WorkerDeath, *, rank: int, num_workers: int | N
         what = f"{who} exited unexpectedly with status {death.exit_code}"
     else:
         what = f"{who} exited unexpectedly, without a status (likely killed, often by the out-of-memory killer)"
-    start = f"resume from {checkpoint}" if checkpoint is not None else "no checkpoint yet; start again"
-    return f"{what}. To {start}: {resume}"
+    then = f"To resume from {checkpoint}" if checkpoint is not None else "No checkpoint yet; to start again"
+    return f"{what}. {then}: {resume}"
