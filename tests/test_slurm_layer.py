@@ -165,3 +165,38 @@ def test_sigusr1_stops_at_a_step_with_a_checkpoint_like_sigterm(tiny_gray_datase
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == stopped_at
     assert max(r["step"] for r in _rows(out) if "loss" in r) == stopped_at
     assert Path(out / "checkpoints" / f"step-{stopped_at:06d}.pt").is_file()
+
+
+_SIGNAL_DURING_SETUP = """
+import os, signal, sys
+from fastssl.engine.trainer import Trainer
+
+build = Trainer._setup
+
+
+def setup_then_signal(self):  # the signal lands while the run is still being built (a long RAM-cache fill...)
+    build(self)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+Trainer._setup = setup_then_signal
+from fastssl.train import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_stop_signal_during_the_setup_stops_after_the_first_step(tiny_gray_dataset, tmp_path):
+    """The handlers used to be installed only when the loop began: a signal during the setup (SLURM's warning can
+    come then, for a job started close to its limit) killed the process with the default action."""
+    import subprocess
+
+    from test_resume import _env, _overrides
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", _SIGNAL_DURING_SETUP, "--config", "byol_resnet18_fmnist",
+                           *_overrides(tiny_gray_dataset, out)], env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    assert "stopped by SIGTERM after step 1;" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 1
