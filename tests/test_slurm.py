@@ -153,10 +153,20 @@ def test_requeued_and_timed_out_jobs_resume_to_the_uninterrupted_runs_state(slur
 
 
 def test_a_diverged_job_ends_failed_with_the_reason_and_is_not_requeued(slurm, tiny_gray_dataset, tmp_path,
-                                                                      monkeypatch, stalling_method):
+                                                                      monkeypatch, stalling_method, capsys):
+    """Submitted through fastssl-submit's command line, as a user would (one CPU task)."""
+    from fastssl.slurm import main
+
     out = tmp_path / "diverged"
-    job = _submit(slurm, monkeypatch, "diverged", tiny_gray_dataset, out, tasks=1, time_limit="5:00",
-                  extra={"method.nan_at": "'2,3,4,5'", "train.max_bad_steps": 2})
+    for key, value in {**_env(), "SLURM_CONF": str(slurm.conf)}.items():
+        monkeypatch.setenv(key, value)
+    assert main(["--config", "byol_resnet18_fmnist", "--name", "diverged", "--gpus-per-node", "0", "--cpus-per-task",
+                 "1", "--time", "5:00", "--entry", str(ENTRY), *_overrides(tiny_gray_dataset, out, **{
+                     "method.name": "stalling_byol", "method.nan_at": "'2,3,4,5'", "train.max_bad_steps": 2})]) == 0
+    printed = capsys.readouterr().out
+    job = printed.split("submitted SLURM job ")[1].split(":")[0]
+    assert f"tail -f {out}/slurm-{job}.out" in printed and f"scancel {job}" in printed, printed
+    assert "--name diverged" in printed.splitlines()[-1] and (out / "job.sbatch").is_file()
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         state = slurm.job(job)
