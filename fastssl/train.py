@@ -34,7 +34,7 @@ if __package__ in (None, ""):
         sys.path[0] = os.path.dirname(_here)
 
 
-EXIT_DIVERGED, EXIT_CONFIG, EXIT_FOLDER_BUSY, EXIT_DISK_FULL, EXIT_LOADER_WORKER = 1, 2, 3, 4, 5
+EXIT_DIVERGED, EXIT_CONFIG, EXIT_LOADER_WORKER = 1, 2, 5  # 3: RunFolderBusy, 4: CheckpointDiskFull (exit_status)
 
 
 def run_reporting(cfg, prog: str) -> tuple[int, dict | None]:
@@ -80,12 +80,14 @@ def run_reporting(cfg, prog: str) -> tuple[int, dict | None]:
     except TrainingDiverged as e:
         say(f"error: {e}{slurm_job.diverged_note()}")
         return EXIT_DIVERGED, None
-    except RunFolderBusy as e:
-        say(f"error: {e}")
-        return EXIT_FOLDER_BUSY, None
-    except CheckpointDiskFull as e:
-        say(f"error: {e}")
-        return EXIT_DISK_FULL, None
+    except (RunFolderBusy, CheckpointDiskFull) as e:  # every rank at once: rank 0's line, printed once
+        signals = getattr(e, "signals", None)
+        if signals is not None:
+            signals.report()
+            signals.ignore_late_signals()
+        else:
+            say(f"error: {e}")
+        return e.exit_status, None
     except OSError as e:  # a full disk elsewhere than at a checkpoint (metrics, TensorBoard, config.yaml)
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -93,7 +95,7 @@ def run_reporting(cfg, prog: str) -> tuple[int, dict | None]:
         say(f"error: the disk is full: writing {e.filename or cfg.out_dir} failed ({e.strerror}); "
             + (f"the last good checkpoint is {last}; free space, then run the same command again: resume=auto "
                f"continues from it" if last else "no checkpoint was written yet; free space and start again"))
-        return EXIT_DISK_FULL, None
+        return CheckpointDiskFull.exit_status, None
     except RuntimeError as e:  # a data-loader worker that died (the DataLoader's error, or its SIGCHLD handler's)
         death = find_worker_death(e)
         if death is None:

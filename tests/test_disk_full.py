@@ -9,7 +9,7 @@ import re
 import subprocess
 
 import pytest
-from test_resume import STEPS_PER_EPOCH, _fit, _overrides, _rows
+from test_resume import STEPS_PER_EPOCH, STEPS_PER_EPOCH_2_RANKS, _fit, _overrides, _rows, _run, _train_cmd
 
 from fastssl.engine.checkpoint import CheckpointDir, load_checkpoint
 
@@ -34,8 +34,20 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(where)], capture_output=True)
 
 
+@pytest.fixture
+def keep_signal_handlers():
+    """train.main ignores late signals on its way out after a run-ending error (as the process exits); this test
+    calls it in the pytest process, which must keep its own handlers (Ctrl-C)."""
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
 def test_a_checkpoint_that_does_not_fit_ends_in_one_line_and_the_last_good_one_resumes(
-        tiny_gray_dataset, tmp_path, small_disk, capsys):
+        tiny_gray_dataset, tmp_path, small_disk, capsys, keep_signal_handlers):
     from fastssl.train import main
 
     disk, resize = small_disk
@@ -90,3 +102,32 @@ def test_the_space_warning_needs_a_known_size_and_little_room(tmp_path, monkeypa
     assert ckpts.space_warning() is None
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 0, size - 1))
     assert f"{size - 1} bytes free, and a checkpoint takes {size} bytes" in ckpts.space_warning()
+
+
+def test_the_disk_full_error_travels_to_the_other_ranks_whole(tmp_path):
+    """Rank 0 broadcasts it (pickled) so that every rank stops on the same error."""
+    import pickle
+
+    from fastssl.engine.checkpoint import CheckpointDiskFull
+
+    error = CheckpointDiskFull(tmp_path / "step-000009.pt", 1000, 10, tmp_path / "step-000008.pt")
+    again = pickle.loads(pickle.dumps(error))
+    assert str(again) == str(error) and again.needed == 1000 and "free 990 bytes or more" in str(error)
+    quota = CheckpointDiskFull(tmp_path / "step-000009.pt", 1000, 5000, None)
+    assert "no earlier checkpoint exists; free space (the write failed though the space looks enough" in str(quota)
+
+
+def test_two_ranks_stop_together_when_rank_0_cannot_write_the_checkpoint(tiny_gray_dataset, tmp_path, small_disk):
+    """Rank 0 writes; rank 1 used to wait for it in a barrier. Both now learn the outcome and exit 4."""
+    disk, resize = small_disk
+    extra = {"train.checkpoint_every": 1, "train.keep_checkpoints": 3, "train.max_steps": STEPS_PER_EPOCH_2_RANKS}
+    # One process's checkpoint: a 2-rank one holds one more rank's RNG states (~10 KB), well inside the margin
+    _fit(tiny_gray_dataset, tmp_path / "probe", **{**extra, "train.max_steps": 1})
+    size = (tmp_path / "probe" / "checkpoints" / "step-000001.pt").stat().st_size
+    resize(2 * size + size // 2)
+    out = disk / "run"
+    ddp = _run(_train_cmd(tiny_gray_dataset, out, nproc=2, **extra), tmp_path / "ddp", timeout=240)
+    assert ddp.stderr.count("exitcode  : 4") == 2, ddp.stderr[-3000:]
+    assert ddp.stderr.count("error: the disk is full: checkpoint") == 1, ddp.stderr[-3000:]
+    assert "fastssl/engine" not in ddp.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.pt", "step-000001.pt", "step-000002.pt"]

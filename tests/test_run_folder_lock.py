@@ -35,6 +35,13 @@ def test_a_second_run_is_refused_a_requeue_waits_and_the_live_run_is_unharmed(ti
         assert err[0].startswith(f"fastssl/train.py: error: {out} is in use by another live run: host "
                                  f"{socket.gethostname()}, pid {live.pid}, since "), err
         assert "Traceback" not in second.stderr
+        # Two ranks: rank 0 is refused, and rank 1 learns it (no hang); each exits 3, one line between them.
+        ddp = _run(_train_cmd(tiny_gray_dataset, out, nproc=2, **{"method.name": "stalling_byol",
+                                                                 "train.checkpoint_every": 2}), tmp_path / "ddp",
+                   timeout=180)
+        assert ddp.returncode != 0 and ddp.stderr.count("exitcode  : 3") == 2, ddp.stderr[-3000:]
+        assert ddp.stderr.count(f"{out} is in use by another live run") == 1, ddp.stderr[-3000:]
+        assert "fastssl/engine" not in ddp.stderr  # no traceback of ours
         # A requeued SLURM job waits slurm.lock_wait_s for the old job's hold, then gives up the same way.
         requeued = {"SLURM_JOB_ID": "123", "SLURM_RESTART_COUNT": "1"}
         t0 = time.monotonic()

@@ -88,11 +88,15 @@ class CheckpointDiskFull(RuntimeError):
     """A checkpoint did not fit on its disk; the message says how much it needs, what is free, and which
     checkpoint to resume from (nothing was lost: the temp file is gone, the earlier checkpoints are whole)."""
 
+    exit_status = 4  # of fastssl/train.py
+
     def __init__(self, path: Path, needed: int, free: int, last_good: Path | None):
         self.path, self.needed, self.free, self.last_good = path, needed, free, last_good
-        resume = (f"the last good checkpoint is {last_good}; free {needed - free} bytes or more (or move out_dir, "
-                  f"or lower train.keep_checkpoints), then run the same command again: resume=auto continues from "
-                  f"it") if last_good is not None else "no earlier checkpoint exists; free space and start again"
+        room = f"free {needed - free} bytes or more" if needed > free else \
+            "free space (the write failed though the space looks enough: a quota, or no inodes left?)"
+        resume = (f"the last good checkpoint is {last_good}; {room} (or move out_dir, or lower "
+                  f"train.keep_checkpoints), then run the same command again: resume=auto continues from it"
+                  ) if last_good is not None else f"no earlier checkpoint exists; {room} and start again"
         super().__init__(f"the disk is full: checkpoint {path} needs {needed} bytes, {free} bytes are free on its "
                          f"file system; {resume}")
 

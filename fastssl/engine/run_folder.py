@@ -35,6 +35,8 @@ _NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 class RunFolderBusy(RuntimeError):
     """Another live run holds the run folder; the message names it and the ways out."""
 
+    exit_status = 3  # of fastssl/train.py
+
 
 def _holder_facts() -> dict:
     facts = {"host": socket.gethostname(), "pid": os.getpid(), "since": datetime.now().isoformat(timespec="seconds")}

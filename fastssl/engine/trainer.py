@@ -25,7 +25,7 @@ from fastssl.engine.checkpoint import CheckpointDir, CheckpointDiskFull, load_ch
 from fastssl.engine.knn import extract_features, knn_top1
 from fastssl.engine.monitor import DataWaitMonitor, open_wandb
 from fastssl.engine.probes import OnlineLinearProbe
-from fastssl.engine.run_folder import RunFolderLock, hold_run_folder
+from fastssl.engine.run_folder import RunFolderBusy, RunFolderLock, hold_run_folder
 from fastssl.methods import build_method
 from fastssl.models import build_backbone
 from fastssl.optim.lars import LARS
@@ -176,7 +176,16 @@ class Trainer:
         self._saved_step = self.step
         full = distributed.broadcast_from_main(full)
         if full is not None:
-            raise full
+            raise self._fail_together(full)
+
+    def _fail_together(self, error: RunFolderBusy | CheckpointDiskFull) -> Exception:
+        """An error every rank raises at once (rank 0's outcome, broadcast): its one line is printed once (rank 0),
+        and a signal that reaches a rank while it exits (torchrun and srun stop the others as soon as one rank
+        has exited) ends it with the error's own status, not -SIGTERM. train.py prints through ``error.signals``."""
+        line = f"fastssl/train.py: error: {error}\n" if self.dist.is_main else ""
+        self.stop_signals.finish(line, error.exit_status)
+        error.signals = self.stop_signals
+        return error
 
     def _find_checkpoint(self) -> tuple[str, dict] | None:
         """The checkpoint ``cfg.resume`` names, loaded, or None: ``auto`` = the newest valid one of out_dir (rank 0
@@ -303,8 +312,11 @@ class Trainer:
         try:
             check_dataset(self.cfg, self.dist.world_size)  # before the loader reads an image or the folder exists
             wait = self.cfg.slurm.lock_wait_s if slurm_job.is_requeue() else 0.0  # the old job may be exiting
-            self.run_lock = hold_run_folder(self.out_dir, is_main=self.dist.is_main, wait_s=wait,
-                                            agree=distributed.broadcast_from_main, say=progress.write)
+            try:
+                self.run_lock = hold_run_folder(self.out_dir, is_main=self.dist.is_main, wait_s=wait,
+                                                agree=distributed.broadcast_from_main, say=progress.write)
+            except RunFolderBusy as e:
+                raise self._fail_together(e) from None
             return self._fit()
         finally:
             if not self.stop_signals.finished:
