@@ -98,8 +98,9 @@ def test_requeued_and_timed_out_jobs_resume_to_the_uninterrupted_runs_state(slur
     by themselves once released (a requeued job waits ~2 min for its EligibleTime), and their final checkpoints
     equal a 2-rank torchrun run's, tensor for tensor, RNG states included; metrics.jsonl holds each step once.
 
-    Timing on 2 shared cores: B starts alone (its start-up, ~10-20 s, must end before SLURM's signal, 25-60 s
-    after the start: SLURM checks time limits every 30 s); A starts once B waits in step 3. B's second run gets a
+    Timing on 2 shared cores: B starts alone (its start-up, ~10-20 s, usually ends before SLURM's signal, 25-60 s
+    after the start: SLURM checks time limits every 30 s; if not, B stops after its first step); A starts once B
+    has run 2 steps. B's second run gets a
     10-minute limit before it is released: its start-up alone would otherwise meet the next USR1 (then SIGUSR1's
     default action kills a process that has not reached the trainer yet)."""
     data = tiny_gray_dataset
@@ -140,10 +141,13 @@ def test_requeued_and_timed_out_jobs_resume_to_the_uninterrupted_runs_state(slur
     a_log, b_log = _log(a_out, a), _log(b_out, b)
     assert f"stopped by SIGTERM after step 3; checkpoint {a_out / 'checkpoints' / 'step-000003.pt'}. SLURM " \
            f"requeues job {a} itself" in a_log, a_log[-4000:]
-    assert f"stopped by SIGUSR1 after step 3; checkpoint {b_out / 'checkpoints' / 'step-000003.pt'}. SLURM job {b} " \
+    # B waits in step 3 for the signal; on a loaded machine the signal may come while B is still being set up:
+    # then it stops after its first step (the handlers are in place from the start of fit).
+    b_stop = int(b_log.split("stopped by SIGUSR1 after step ")[1].split(";")[0]) if "SIGUSR1 after" in b_log else -1
+    assert b_stop in (1, 3) and f"checkpoint {b_out / 'checkpoints' / f'step-{b_stop:06d}.pt'}. SLURM job {b} " \
            f"requeued itself (requeue 1 of at most 50)" in b_log, b_log[-4000:]
-    for log in (a_log, b_log):
-        assert "resumed from" in log and "at step 3 " in log and "Traceback" not in log, log[-4000:]
+    for log, stop in ((a_log, 3), (b_log, b_stop)):
+        assert "resumed from" in log and f"at step {stop} " in log and "Traceback" not in log, log[-4000:]
     expected = load_checkpoint(reference_out / "checkpoints" / "last.pt")
     assert expected["step"] == TOTAL_STEPS and expected["world_size"] == 2
     for out in (a_out, b_out):
