@@ -198,8 +198,7 @@ def _resubmit_command(args: argparse.Namespace, spec: JobSpec) -> str:
         argv.append(f"--sbatch={line}")
     for line in spec.setup:
         argv += ["--setup", line]
-    if args.python != sys.executable or exe[0] == "fastssl-submit":
-        argv += ["--python", spec.python]
+    argv += ["--python", spec.python]
     if spec.entry != "fastssl.train":
         argv += ["--entry", spec.entry]
     argv += [f"out_dir={spec.out_dir}", *spec.overrides]
@@ -211,9 +210,8 @@ def spec_from_args(args: argparse.Namespace, now: datetime | None = None) -> Job
     Raises SubmitError or fastssl.config.ConfigError, each naming the option or key."""
     from fastssl.config import load_config, recipe_path, validate
 
-    for opt in ("nodes",):
-        if getattr(args, opt) < 1:
-            raise SubmitError(f"--{opt} {getattr(args, opt)}: must be >= 1")
+    if args.nodes < 1:
+        raise SubmitError(f"--nodes {args.nodes}: must be >= 1")
     if args.gpus_per_node < 0 or (args.tasks_per_node is not None and args.tasks_per_node < 1):
         raise SubmitError("--gpus-per-node must be >= 0 and --tasks-per-node >= 1")
     tasks = args.tasks_per_node or args.gpus_per_node or 1
