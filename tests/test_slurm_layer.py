@@ -200,3 +200,21 @@ def test_a_stop_signal_during_the_setup_stops_after_the_first_step(tiny_gray_dat
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
     assert "stopped by SIGTERM after step 1;" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 1
+
+
+def test_requeue_reads_the_job_and_reports_a_refused_requeue(tmp_path, monkeypatch):
+    """A stand-in scontrol: ``show job`` prints a record, ``requeue`` fails as on a job submitted --no-requeue."""
+    fake = tmp_path / "scontrol"
+    fake.write_text('#!/bin/sh\nif [ "$1" = show ]; then echo "JobId=77 JobName=x JobState=RUNNING Reason=None '
+                    'Restarts=2 TimeLimit=01:00:00"; exit 0; fi\n'
+                    'echo "scontrol: error: Requested operation is presently disabled for job 77" >&2; exit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    env = {"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "2"}
+    assert slurm_job.job_record("77")["Restarts"] == "2"
+    outcome = slurm_job.stop_outcome(USR1, 50, "RESUBMIT", environ=env)
+    assert outcome.requeue and "requeue 3 of at most 50" in outcome.note
+    failed = slurm_job.requeue(outcome, USR1, "RESUBMIT", environ=env)
+    assert not failed.requeue and failed.status == 128 + USR1
+    assert "could not requeue itself (scontrol requeue: scontrol: error: Requested operation is presently disabled " \
+           "for job 77); to go on: RESUBMIT" in failed.note
