@@ -118,6 +118,15 @@ class EvalConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """The run inside a SLURM job (fastssl-submit; engine/slurm_job.py): how often the job may requeue itself, and
+    how long a requeued job waits for the previous job's hold on the run folder."""
+
+    max_requeues: int = 50  # the job requeues itself at the time limit / on preemption at most this many times
+    lock_wait_s: float = 300.0  # a requeued job waits this long for the old job to release the run folder
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -125,6 +134,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     out_dir: str = "runs/default"
     resume: str = "auto"  # auto: newest valid checkpoint in out_dir/checkpoints if any | none | a checkpoint path
     # Keys (or whole sections: "optim", "method") a resume may change although they change what is trained;
@@ -235,6 +245,8 @@ _RULES: dict[str, Rule] = {
     "eval.probe_every": _int(1),
     "eval.probe_lr": _real(0.0, open_low=True),
     "eval.wandb_project": _text(),
+    "slurm.max_requeues": _int(0),
+    "slurm.lock_wait_s": _real(0.0),
     "out_dir": _text(),
     "resume": _text(),
     "resume_allow_changes": ("a list of config keys or sections, e.g. [method.base_tau,optim]",
@@ -250,6 +262,8 @@ _HINTS = {
     "eval.knn_every": " (0: no kNN monitor during training)",
     "eval.probe_every": " (eval.probe=false turns the probe off)",
     "train.epochs": " (train.max_steps stops a run earlier)",
+    "slurm.max_requeues": " (0: a job never requeues itself)",
+    "slurm.lock_wait_s": " (0: a requeued job does not wait for the previous one's hold on the run folder)",
 }
 
 # The methods' constructor arguments, by name (the same name means the same thing in every method).
@@ -445,7 +459,7 @@ RESUME_ACCEPTED = (
     "train.max_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.max_bad_steps",
     "train.deterministic", "train.threads", "train.progress", "train.channels_last", "train.compile",
     "train.compile_mode",
-    "eval", "out_dir", "resume", "resume_allow_changes",
+    "eval", "slurm", "out_dir", "resume", "resume_allow_changes",
 )
 
 
