@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from pipelines import Batch, ViewSpec
-from pipelines.formats import ShardWriter, iter_samples, load_manifest, shard_paths, write_manifest
+from pipelines.formats import ShardWriter, iter_samples, load_manifest, shard_paths, write_manifest, write_names
 
 # Triton decides at kernel definition (first import of a kernel module) whether it interprets; without a
 # GPU every test process must interpret, whichever test module happens to import fastssl first.
@@ -41,8 +41,11 @@ def _jpeg(img: Image.Image, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
-def write_dataset(folder: Path, classes: list[str], splits: dict[str, list[list[tuple[bytes, int]]]]) -> Path:
-    """Write ``splits[name]`` = list of shards, each a list of (jpeg, label), plus the manifest."""
+def write_dataset(folder: Path, classes: list[str], splits: dict[str, list[list[tuple[bytes, int]]]],
+                  names: dict[str, list[str]] | None = None) -> Path:
+    """Write ``splits[name]`` = list of shards, each a list of (jpeg, label), plus the manifest. ``names``: each
+    split's source names in stored order (the sidecar fastssl-convert writes); None: a dataset without names,
+    as converted before fastssl-convert kept them."""
     folder.mkdir(parents=True, exist_ok=True)
     manifest_splits = {}
     for split, shards in splits.items():
@@ -54,7 +57,10 @@ def write_dataset(folder: Path, classes: list[str], splits: dict[str, list[list[
                 n += 1
             infos.append(asdict(writer.close()))
         manifest_splits[split] = {"count": n, "shards": infos}
-    write_manifest(folder, {"classes": classes, "splits": manifest_splits})
+    manifest = {"classes": classes, "splits": manifest_splits}
+    if names is not None:
+        manifest["names"] = {split: write_names(folder, split, split_names) for split, split_names in names.items()}
+    write_manifest(folder, manifest)
     return folder
 
 
