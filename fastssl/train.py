@@ -10,6 +10,10 @@ from the newest valid checkpoint (resume=auto); a resume whose config changes wh
 resume_allow_changes names the keys. Exit status 2: a config value out of range, a dataset the run cannot use,
 or such a resume, each found before any work starts. Exit status 1: the loss stayed non-finite for
 train.max_bad_steps steps in a row.
+
+``eval.after=[knn,linear,finetune]`` then runs fastssl-eval on the finished run in the same ranks: kNN,
+paper-protocol linear evaluation and 1 % / 10 % fine-tuning (the recipe's eval settings), each beside random
+init, into OUT_DIR/eval/report.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 if __package__ in (None, ""):
     # Run as a script (torchrun fastssl/train.py): put the repository root first, not fastssl/ itself.
@@ -60,6 +65,33 @@ def run_reporting(cfg, prog: str) -> tuple[int, dict | None]:
         return 1, None
 
 
+def evaluate_after(cfg, prog: str) -> tuple[int, dict | None]:
+    """``eval.after=[knn,linear,finetune]``: fastssl-eval on the run just trained, in the same ranks (the run's
+    data, loader backend and eval settings). (exit status, report: rank 0's, {} elsewhere): 2 when an evaluation
+    cannot run (the message says why; the trained run is complete), 128 + N when signal N stopped it (rerun
+    ``fastssl-eval OUT_DIR`` to resume it)."""
+    from fastssl.config import ConfigError
+    from fastssl.eval.report import evaluate_run
+    from fastssl.eval.subsets import SubsetError
+    from fastssl.eval.supervised import StopRequested
+    from fastssl.eval.weights import ExportError
+    from pipelines.formats import DatasetFormatError
+
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    try:
+        return 0, evaluate_run(cfg.out_dir, protocols=list(cfg.eval.after), data=cfg.data.path,
+                               backend=cfg.data.backend, num_workers=cfg.data.num_workers,
+                               progress=cfg.train.progress)
+    except StopRequested as e:
+        if main_rank:
+            print(f"{prog}: eval.after: {e.args[0]} (or `fastssl-eval {cfg.out_dir}`)", file=sys.stderr)
+        return e.exit_code, None
+    except (ConfigError, ExportError, SubsetError, DatasetFormatError, ValueError, OSError) as e:
+        print(f"{prog}: eval.after: error: {e} (the training run is complete; fix this, then run "
+              f"`fastssl-eval {cfg.out_dir}`)", file=sys.stderr)
+        return 2, None
+
+
 def main(argv: list[str] | None = None) -> int:
     from fastssl.config import ConfigError, load_config
 
@@ -77,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     status, results = run_reporting(cfg, parser.prog)
     if status:
         parser.exit(status)
+    if cfg.eval.after:
+        status, report = evaluate_after(cfg, parser.prog)
+        if status:
+            parser.exit(status)
+        if results is not None and report:
+            results["eval_report"] = str(Path(cfg.out_dir) / "eval" / "report.json")
     if int(os.environ.get("RANK", "0")) == 0 and not args.no_results:
         print(json.dumps(results))
     return 0

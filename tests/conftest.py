@@ -109,21 +109,40 @@ def tiny_dataset(tmp_path_factory) -> Path:
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_gray_dataset(tmp_path_factory) -> Path:
-    """Fashion-MNIST-like: 28x28 grayscale JPEGs, 10 classes; train 96 in unequal shards (40, 30, 26), val 32."""
-    rng = np.random.default_rng(1)
+def _gray_blobs(n: int, seed: int) -> list[tuple[bytes, int]]:
+    """28x28 grayscale JPEGs of a noisy blob whose size tells its class (10 classes, label i % 10)."""
+    rng = np.random.default_rng(seed)
     samples = []
-    for i in range(128):
+    for i in range(n):
         label = i % 10
         yy, xx = np.mgrid[0:28, 0:28]
         cy, cx = rng.uniform(8, 20, size=2)
         blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (2 + label) ** 2))
         pix = np.clip(255 * blob + rng.normal(0, 12, size=(28, 28)), 0, 255).astype(np.uint8)
         samples.append((_jpeg(Image.fromarray(pix, mode="L")), label))
+    return samples
+
+
+@pytest.fixture(scope="session")
+def tiny_gray_dataset(tmp_path_factory) -> Path:
+    """Fashion-MNIST-like: 28x28 grayscale JPEGs, 10 classes; train 96 in unequal shards (40, 30, 26), val 32."""
+    samples = _gray_blobs(128, seed=1)
     return write_dataset(
         tmp_path_factory.mktemp("tinygray"), [f"c{k}" for k in range(10)],
         {"train": _chunks(samples[:96], [40, 30, 26]), "val": [samples[96:]]},
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_gray_named(tmp_path_factory) -> Path:
+    """Like tiny_gray_dataset, larger (train 200 in shards of 120 and 80, val 40) and with each image's source
+    name (``train/<class>/<i>.png``, as fastssl-convert keeps them): what the evaluations select subsets from."""
+    samples = _gray_blobs(240, seed=2)
+    names = {split: [f"{split}/c{label}/{i}.png" for i, (_, label) in enumerate(part)]
+             for split, part in (("train", samples[:200]), ("val", samples[200:]))}
+    return write_dataset(
+        tmp_path_factory.mktemp("tinygraynamed"), [f"c{k}" for k in range(10)],
+        {"train": _chunks(samples[:200], [120, 80]), "val": [samples[200:]]}, names=names,
     )
 
 
