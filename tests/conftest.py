@@ -215,3 +215,22 @@ def assert_epoch_reads_every_sample(make_loader, total: int, world_size: int, ba
         assert len(flat) >= total - world_size * batch
         counts = [len(ld.sample_ids) for ld in loaders]
         assert max(counts) - min(counts) <= 1  # balanced
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every attempt to open a network connection fails, and the test fails at teardown if one was made (even
+    when the code under test caught the error): the evaluations must run offline."""
+    import socket
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args[1:] if args and isinstance(args[0], socket.socket) else args)
+        raise OSError("network access refused by the test's no_network fixture")
+
+    for owner, name in ((socket.socket, "connect"), (socket.socket, "connect_ex"), (socket, "getaddrinfo"),
+                        (socket, "create_connection")):
+        monkeypatch.setattr(owner, name, refuse)
+    yield attempts
+    assert not attempts, f"the code tried to reach the network: {attempts}"

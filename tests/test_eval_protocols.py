@@ -181,7 +181,7 @@ def test_a_finetune_stopped_by_sigterm_resumes_to_the_uninterrupted_result(run_d
         assert torch.equal(wa[name], wb[name]), name
 
 
-def test_fastssl_eval_reports_every_protocol_beside_random_init(run_dir, tiny_gray_named, capsys):
+def test_fastssl_eval_reports_every_protocol_beside_random_init(run_dir, tiny_gray_named, capsys, no_network):
     assert report.main([str(run_dir), "--data", str(tiny_gray_named), "--threads", "1", "--num-workers", "0",
                         "--no-progress"]) == 0
     folder = run_dir / "eval"

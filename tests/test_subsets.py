@@ -64,7 +64,17 @@ def imagenet_style(tmp_path_factory) -> tuple[Path, Path]:
     return root / "src", root / "data"
 
 
-def test_an_imagenet_style_folder_selects_exactly_the_canonical_1pct_images(imagenet_style):
+def test_the_network_guard_sees_a_fetch(no_network):
+    import urllib.request
+
+    with pytest.raises(OSError):
+        urllib.request.urlopen("https://raw.githubusercontent.com/google-research/simclr/master/imagenet_subsets/"
+                               "1percent.txt", timeout=1)
+    assert no_network  # the attempt was recorded (the fixture would fail this test at teardown: cleared here)
+    no_network.clear()
+
+
+def test_an_imagenet_style_folder_selects_exactly_the_canonical_1pct_images(imagenet_style, no_network):
     _, data = imagenet_style
     subset = choose_subset(data, "1%")
     assert subset.kind == "imagenet-1%"
