@@ -102,6 +102,48 @@ class TrainConfig:
 
 
 @dataclass
+class LinearProtocolConfig:
+    """The papers' linear evaluation (``fastssl-linear --protocol paper``): the frozen backbone (BatchNorm in eval
+    mode) under a linear head trained with SGD on RandomResizedCrop + flip views, scored on the centre view.
+    Defaults: SwAV's eval_linear.py; each recipe carries its paper's values."""
+
+    epochs: int = 100
+    batch_size: int = 256  # global, over all ranks
+    base_lr: float = 0.3  # x batch_size / 256
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1.0e-6
+    schedule: str = "cosine"  # cosine (to 0) | step (x gamma at each of milestones)
+    milestones: list[int] = field(default_factory=list)  # epochs
+    gamma: float = 0.1
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
+    center_crop: float = 0.875  # the scored view: this fraction of the shorter side, centred (Resize 256, crop 224)
+
+
+@dataclass
+class FinetuneProtocolConfig:
+    """Semi-supervised fine-tuning of the whole network on a labelled subset (``fastssl-finetune``): backbone and
+    linear head with their own learning rates, RandomResizedCrop + flip views, scored on the centre view.
+    Defaults: SwAV's eval_semisup.py at 10 % (1 %: base_lr 0.02, head_lr 5)."""
+
+    epochs: int = 20
+    batch_size: int = 256  # global, over all ranks
+    base_lr: float = 0.01  # the backbone's, x batch_size / 256
+    head_lr: float = 0.2  # the linear head's, x batch_size / 256
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "step"
+    milestones: list[int] = field(default_factory=lambda: [12, 16])
+    gamma: float = 0.2
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    center_crop: float = 0.875
+
+
+EVAL_AFTER = ("knn", "linear", "finetune")  # what eval.after may chain after training (fastssl-eval's protocols)
+
+
+@dataclass
 class EvalConfig:
     knn: bool = True
     knn_k: int = 20
@@ -115,6 +157,13 @@ class EvalConfig:
     probe_lr: float = 1.0e-3  # the probe's own Adam
     wandb: bool = False  # also log to Weights & Biases (when the wandb package is installed)
     wandb_project: str = "fastssl"
+    # The protocols papers report (fastssl-linear --protocol paper, fastssl-finetune, fastssl-eval): the paper's
+    # settings, per recipe.
+    linear: LinearProtocolConfig = field(default_factory=LinearProtocolConfig)
+    finetune_1pct: FinetuneProtocolConfig = field(
+        default_factory=lambda: FinetuneProtocolConfig(base_lr=0.02, head_lr=5.0))
+    finetune_10pct: FinetuneProtocolConfig = field(default_factory=FinetuneProtocolConfig)
+    after: list[str] = field(default_factory=list)  # [knn, linear, finetune]: fastssl-eval on the run once trained
 
 
 @dataclass
@@ -247,11 +296,33 @@ _RULES: dict[str, Rule] = {
     "eval.wandb_project": _text(),
     "slurm.max_requeues": _int(0),
     "slurm.lock_wait_s": _real(0.0),
+    "eval.after": (f"a list of {', '.join(EVAL_AFTER)}",
+                   lambda v: isinstance(v, list | tuple) and all(x in EVAL_AFTER for x in v)),
     "out_dir": _text(),
     "resume": _text(),
     "resume_allow_changes": ("a list of config keys or sections, e.g. [method.base_tau,optim]",
                              lambda v: isinstance(v, list | tuple) and all(isinstance(k, str) for k in v)),
 }
+_SCHEDULES = ("cosine", "step")
+for _section in ("eval.linear", "eval.finetune_1pct", "eval.finetune_10pct"):
+    _CHOICES[f"{_section}.schedule"] = _SCHEDULES
+    _RULES.update({
+        f"{_section}.epochs": _int(1),
+        f"{_section}.batch_size": _int(1),
+        f"{_section}.base_lr": _real(0.0, open_low=True),
+        f"{_section}.momentum": _real(0.0, 1.0, open_high=True),
+        f"{_section}.weight_decay": _real(0.0),
+        f"{_section}.milestones": ("a list of epochs (integers >= 1)",
+                                   lambda v: isinstance(v, list | tuple) and all(_is_int(x) and x >= 1 for x in v)),
+        f"{_section}.gamma": _real(0.0, 1.0, open_low=True),
+        f"{_section}.crop_scale": ("a [low, high] pair with 0 < low <= high <= 1",
+                                   lambda v: isinstance(v, list | tuple) and len(v) == 2 and all(_is_real(x) for x in v)
+                                   and 0 < v[0] <= v[1] <= 1),
+        f"{_section}.center_crop": _real(0.0, 1.0, open_low=True),
+    })
+    if "finetune" in _section:
+        _RULES[f"{_section}.head_lr"] = _real(0.0, open_low=True)
+
 # What a rule's message adds: how to turn the feature off, or what 0 means.
 _HINTS = {
     "train.max_steps": " (0: no limit)",

@@ -18,6 +18,10 @@ Exit status (each error is one line on stderr, without a traceback):
   4  the disk is full: a checkpoint (or a log) did not fit; the last good checkpoint resumes
   5  a data-loader worker died (the out-of-memory killer's usual victim); the last checkpoint resumes
   128 + N  stopped by signal N after a checkpoint
+
+``eval.after=[knn,linear,finetune]`` then runs fastssl-eval on the finished run in the same ranks: kNN,
+paper-protocol linear evaluation and 1 % / 10 % fine-tuning (the recipe's eval settings), each beside random
+init, into OUT_DIR/eval/report.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 if __package__ in (None, ""):
     # Run as a script (torchrun fastssl/train.py): put the repository root first, not fastssl/ itself.
@@ -108,6 +113,33 @@ def run_reporting(cfg, prog: str) -> tuple[int, dict | None]:
         return EXIT_LOADER_WORKER, None
 
 
+def evaluate_after(cfg, prog: str) -> tuple[int, dict | None]:
+    """``eval.after=[knn,linear,finetune]``: fastssl-eval on the run just trained, in the same ranks (the run's
+    data, loader backend and eval settings). (exit status, report: rank 0's, {} elsewhere): 2 when an evaluation
+    cannot run (the message says why; the trained run is complete), 128 + N when signal N stopped it (rerun
+    ``fastssl-eval OUT_DIR`` to resume it)."""
+    from fastssl.config import ConfigError
+    from fastssl.eval.report import evaluate_run
+    from fastssl.eval.subsets import SubsetError
+    from fastssl.eval.supervised import StopRequested
+    from fastssl.eval.weights import ExportError
+    from pipelines.formats import DatasetFormatError
+
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    try:
+        return 0, evaluate_run(cfg.out_dir, protocols=list(cfg.eval.after), data=cfg.data.path,
+                               backend=cfg.data.backend, num_workers=cfg.data.num_workers,
+                               progress=cfg.train.progress)
+    except StopRequested as e:
+        if main_rank:
+            print(f"{prog}: eval.after: {e.args[0]} (or `fastssl-eval {cfg.out_dir}`)", file=sys.stderr)
+        return e.exit_code, None
+    except (ConfigError, ExportError, SubsetError, DatasetFormatError, ValueError, OSError) as e:
+        print(f"{prog}: eval.after: error: {e} (the training run is complete; fix this, then run "
+              f"`fastssl-eval {cfg.out_dir}`)", file=sys.stderr)
+        return 2, None
+
+
 def main(argv: list[str] | None = None) -> int:
     from fastssl.config import ConfigError, load_config
 
@@ -125,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     status, results = run_reporting(cfg, parser.prog)
     if status:
         parser.exit(status)
+    if cfg.eval.after and results is not None:  # (None: stopped, and the SLURM job requeued: no evaluation yet)
+        status, report = evaluate_after(cfg, parser.prog)
+        if status:
+            parser.exit(status)
+        if report:
+            results["eval_report"] = str(Path(cfg.out_dir) / "eval" / "report.json")
     if int(os.environ.get("RANK", "0")) == 0 and not args.no_results and results is not None:
         print(json.dumps(results))  # (None: stopped, and the SLURM job requeued)
     return 0
