@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from test_resume import STEPS_PER_EPOCH, _logs, _popen, _rows, _run, _train_cmd, _wait_for_step
+from test_resume import STEPS_PER_EPOCH, _logs, _popen, _rows, _train_cmd, _wait_for_step
 
 from fastssl.engine.checkpoint import CheckpointDir, load_checkpoint
 from fastssl.engine.run_folder import LOCK_NAME, RunFolderBusy, RunFolderLock
@@ -24,45 +24,49 @@ _STALL = {"FASTSSL_TEST_STALL_AT": "3"}  # the first run waits in step 3 until a
 
 def test_a_second_run_is_refused_a_requeue_waits_and_the_live_run_is_unharmed(tiny_gray_dataset, tmp_path):
     out = tmp_path / "run"
-    cmd = _train_cmd(tiny_gray_dataset, out, **{"method.name": "stalling_byol", "train.checkpoint_every": 2})
+    extra = {"method.name": "stalling_byol", "train.checkpoint_every": 2}
+    cmd = _train_cmd(tiny_gray_dataset, out, **extra)
+    requeued = {"SLURM_JOB_ID": "123", "SLURM_RESTART_COUNT": "1"}  # as a requeued SLURM job sees its environment
     live = _popen(cmd, tmp_path / "live", **_STALL)
+    others: dict = {}
     try:
         _wait_for_step(live, out, 2, tmp_path / "live")  # the live run waits in step 3, holding the folder
-        # A second run on the folder (a user who submits twice): refused at once, one line naming the holder.
-        second = _run(cmd, tmp_path / "second", timeout=120)
-        err = second.stderr.strip().splitlines()
-        assert second.returncode == 3 and len(err) == 1, second.stderr
-        assert err[0].startswith(f"fastssl/train.py: error: {out} is in use by another live run: host "
-                                 f"{socket.gethostname()}, pid {live.pid}, since "), err
-        assert "Traceback" not in second.stderr
+        # At once (their start-ups overlap): a second run (a user who submits twice), the same on two ranks, a
+        # requeued job that waits 2 s for the hold, and one that may wait 120 s.
+        others = {
+            "second": _popen(cmd, tmp_path / "second"),
+            "ddp": _popen(_train_cmd(tiny_gray_dataset, out, nproc=2, **extra), tmp_path / "ddp"),
+            "gave_up": _popen([*cmd, "slurm.lock_wait_s=2"], tmp_path / "gave_up", **requeued),
+            "waiting": _popen([*cmd, "slurm.lock_wait_s=120"], tmp_path / "waiting", **requeued),
+        }
+        for name in ("second", "ddp", "gave_up"):
+            others[name].wait(180)
+        second_err = _logs(tmp_path / "second")[1].strip().splitlines()
+        assert others["second"].returncode == 3 and len(second_err) == 1, second_err
+        assert second_err[0].startswith(f"fastssl/train.py: error: {out} is in use by another live run: host "
+                                        f"{socket.gethostname()}, pid {live.pid}, since "), second_err
         # Two ranks: rank 0 is refused, and rank 1 learns it (no hang); each exits 3, one line between them.
-        ddp = _run(_train_cmd(tiny_gray_dataset, out, nproc=2, **{"method.name": "stalling_byol",
-                                                                 "train.checkpoint_every": 2}), tmp_path / "ddp",
-                   timeout=180)
-        assert ddp.returncode != 0 and ddp.stderr.count("exitcode  : 3") == 2, ddp.stderr[-3000:]
-        assert ddp.stderr.count(f"{out} is in use by another live run") == 1, ddp.stderr[-3000:]
-        assert "fastssl/engine" not in ddp.stderr  # no traceback of ours
-        # A requeued SLURM job waits slurm.lock_wait_s for the old job's hold, then gives up the same way.
-        requeued = {"SLURM_JOB_ID": "123", "SLURM_RESTART_COUNT": "1"}
-        t0 = time.monotonic()
-        gave_up = _run([*cmd, "slurm.lock_wait_s=2"], tmp_path / "gave_up", timeout=120, **requeued)
-        assert gave_up.returncode == 3 and f"pid {live.pid}" in gave_up.stderr and "(waited 2 s)" in gave_up.stderr
-        assert time.monotonic() - t0 >= 2
+        ddp_err = _logs(tmp_path / "ddp")[1]
+        assert others["ddp"].returncode != 0 and ddp_err.count("exitcode  : 3") == 2, ddp_err[-3000:]
+        assert ddp_err.count(f"{out} is in use by another live run") == 1 and "fastssl/engine" not in ddp_err
+        # The requeue gives up after its wait, the same way.
+        gave_up = _logs(tmp_path / "gave_up")
+        assert others["gave_up"].returncode == 3 and f"pid {live.pid}" in gave_up[1] and "(waited 2 s)" in gave_up[1]
+        assert "waiting up to 2 s for that run to end" in gave_up[0]
         assert [s for s, _ in CheckpointDir(out / "checkpoints").step_files()] == [2]  # nobody else wrote
         assert max(r["step"] for r in _rows(out) if "loss" in r) == 2
-        # A requeue that may wait long enough: it starts once the old run has saved and exited.
-        waiting = _popen([*cmd, "slurm.lock_wait_s=120"], tmp_path / "waiting", **requeued)
+        # The patient requeue starts once the live run has saved and exited.
         deadline = time.monotonic() + 120
         while "waiting up to 120 s" not in _logs(tmp_path / "waiting")[0] and time.monotonic() < deadline:
-            assert waiting.poll() is None, _logs(tmp_path / "waiting")
+            assert others["waiting"].poll() is None, _logs(tmp_path / "waiting")
             time.sleep(0.1)
         live.send_signal(signal.SIGTERM)
         assert live.wait(120) == 128 + signal.SIGTERM  # the live run finished its step and saved, unharmed
         assert "stopped by SIGTERM after step 3" in _logs(tmp_path / "live")[1]
-        assert waiting.wait(240) == 0, _logs(tmp_path / "waiting")[1][-3000:]
+        assert others["waiting"].wait(240) == 0, _logs(tmp_path / "waiting")[1][-3000:]
     finally:
-        for proc in (live, locals().get("waiting")):
-            if proc is not None and proc.poll() is None:
+        for proc in (live, *others.values()):
+            if proc.poll() is None:
                 proc.kill()
     stdout = _logs(tmp_path / "waiting")[0]
     assert f"resumed from {out / 'checkpoints' / 'step-000003.pt'} at step 3" in stdout, stdout
