@@ -134,20 +134,58 @@ def _mocov3() -> Settings:
 
 
 def _swav() -> Settings:
-    # SwAV multi-crop: 2 x 32 px scale (0.14, 1) + 4 x 16 px scale (0.05, 0.14), colour strength 1, no blur;
-    # 100 prototypes, T 0.1, eps 0.05, 3 Sinkhorn iterations, prototypes frozen for 0.2 epoch, queue of 2048
-    # past embeddings per global crop from the first step.
+    # SwAV multi-crop adapted to 28 px images and a 5-epoch run (issue 26). The settings before, 2 x 32 px scale
+    # (0.14, 1) + 4 x 16 px (0.05, 0.14), 100 prototypes, eps 0.05, prototypes frozen for 0.2 epoch and a queue of
+    # 2,048 from the first step, collapsed on both sides: loss ln 100 (uniform codes) from step ~260 on. Each change
+    # is one of the SwAV authors' remedies for a loss stuck at ln K (their README, "Common issues"), sized for 28 px:
+    # - crops 2 x 32 px scale (0.3, 1) + 4 x 16 px scale (0.1, 0.3), colour strength 1, no blur: a 5 % crop of a
+    #   28 px image is a 6 x 6 px patch, mostly background ("reduce the difficulty"; BYOL's recipe measured +1.6
+    #   points for scale >= 0.3 on these images);
+    # - eps 0.03 (their first remedy: sharper codes); T 0.1 and 3 Sinkhorn iterations as the paper;
+    # - 30 prototypes, 3 per class as SwAV's 3,000 for ImageNet's 1,000: a batch of 256 shares 8.5 samples to each,
+    #   enough for the equipartition without a queue (100 got 2.6);
+    # - prototypes frozen for the first epoch, as SwAV's own schedules;
+    # - a queue of 1,024 (4 batches) from epoch 2 ("start the queue later, use a smaller one").
     colour = dict(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2)
-    views = [View(scale=(0.14, 1.0), **colour)] * 2 + [View(size=16, scale=(0.05, 0.14), **colour)] * 4
+    views = [View(scale=(0.3, 1.0), **colour)] * 2 + [View(size=16, scale=(0.1, 0.3), **colour)] * 4
     return Settings("swav", "swav_resnet18_fmnist", "swav", views,
-                    heads=dict(proj_hidden=512, proj_dim=64, n_prototypes=100, temperature=0.1, sinkhorn_eps=0.05,
-                               sinkhorn_iters=3, freeze_prototypes_epochs=0.2, queue_length=2048,
-                               queue_start_epoch=0),
-                    lr=0.06, weight_decay=5e-4, aug={"blur_p": 0.0},
-                    extra=["data.local_size=16", "data.n_local=4"])
+                    heads=dict(proj_hidden=512, proj_dim=64, n_prototypes=30, temperature=0.1, sinkhorn_eps=0.03,
+                               sinkhorn_iters=3, freeze_prototypes_epochs=1.0, queue_length=1024,
+                               queue_start_epoch=2),
+                    lr=0.06, weight_decay=5e-4, aug={"blur_p": 0.0, "scale": [0.3, 1.0]},
+                    extra=["data.local_size=16", "data.n_local=4", "data.local_aug.scale=[0.1,0.3]"])
 
 
 SETTINGS = {"byol": _byol, "simclr": _simclr, "mocov2": _mocov2, "mocov3": _mocov3, "swav": _swav}
+
+
+def apply_settings(s: Settings, items: list[str]) -> Settings:
+    """``KEY=VALUE`` edits of ``s`` for both sides alike (an ablation: one change on both sides; the records carry
+    the settings, so ``--summarize`` keeps the variants apart): ``heads.NAME`` (the method's own hyper-parameters),
+    ``lr``, ``weight_decay``, ``momentum``. VALUE is JSON (a number, true / false) of the setting's type."""
+    for item in items:
+        key, sep, raw = item.partition("=")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if key.startswith("heads.") and key[6:] in s.heads:
+            current = s.heads[key[6:]]
+        elif key in ("lr", "weight_decay", "momentum"):
+            current = getattr(s, key)
+        else:
+            raise SystemExit(f"parity: --setting {item}: the keys are lr, weight_decay, momentum and heads.NAME with "
+                             f"NAME one of {s.method}'s {', '.join(s.heads)}")
+        numeric = isinstance(value, int | float) and not isinstance(value, bool)
+        fits = {bool: isinstance(value, bool), int: numeric and value == int(value), float: numeric}
+        if not sep or not fits.get(type(current), False):
+            raise SystemExit(f"parity: --setting {item}: {key} is a {type(current).__name__} ({current!r} now)")
+        value = type(current)(value)
+        if key.startswith("heads."):
+            s.heads[key[6:]] = value
+        else:
+            setattr(s, key, value)
+    return s
 
 
 def fastssl_overrides(s: Settings, args: argparse.Namespace, out_dir: Path) -> list[str]:
@@ -945,6 +983,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--indep-fp32-loss", action="store_true",
                    help="the default now (every independent loss takes fp32, as fastssl's); accepted so that the "
                         "recorded commands still run")
+    p.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one of the method's settings on BOTH sides (heads.NAME, lr, weight_decay, momentum), "
+                        "e.g. heads.sinkhorn_eps=0.05 to measure one change; recorded with the settings")
     p.add_argument("--fastssl-override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra fastssl override (a hypothesis probe; recorded in the JSON)")
     args = p.parse_args(argv)
@@ -960,7 +1001,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.report:
         return 0 if report(out, args.method) else 1
-    s = SETTINGS[args.method]()
+    s = apply_settings(SETTINGS[args.method](), args.setting)
     if args.width:
         s.width = args.width
     if args.batch_size:

@@ -209,6 +209,46 @@ def test_independent_batchnorm_sees_the_batches_of_its_papers_code(method, backb
     assert seen == {"backbone": backbone, "projector": projector}
 
 
+def test_setting_changes_both_sides_and_refuses_what_it_cannot_set(tmp_path):
+    s = parity.apply_settings(parity.SETTINGS["swav"](), ["heads.sinkhorn_eps=0.05", "heads.n_prototypes=100",
+                                                          "heads.freeze_prototypes_epochs=1", "lr=0.03"])
+    assert (s.heads["sinkhorn_eps"], s.heads["n_prototypes"], s.lr) == (0.05, 100, 0.03)
+    assert isinstance(s.heads["freeze_prototypes_epochs"], float) and isinstance(s.heads["n_prototypes"], int)
+    args = parity.argparse.Namespace(data=str(tmp_path), epochs=1, seed=0, precision="fp32", threads=1,
+                                     fastssl_override=[])
+    ov = parity.fastssl_overrides(s, args, tmp_path / "run")
+    assert {"method.sinkhorn_eps=0.05", "method.n_prototypes=100", "optim.final_lr=0.03"} <= set(ov)
+    assert parity.build_independent(s).prototypes.weight.shape[0] == 100
+    for bad, says in (("heads.nope=1", "the keys are lr, weight_decay, momentum and heads.NAME"),
+                      ("width=8", "the keys are"), ("heads.n_prototypes=2.5", "n_prototypes is a int"),
+                      ("heads.sinkhorn_eps=small", "sinkhorn_eps is a float"), ("lr", "lr is a float"),
+                      ("heads.pred_last_bn=1", "the keys are")):
+        with pytest.raises(SystemExit, match=says):
+            parity.apply_settings(parity.SETTINGS["swav"](), [bad])
+    with pytest.raises(SystemExit, match="pred_last_bn is a bool"):
+        parity.apply_settings(parity.SETTINGS["mocov3"](), ["heads.pred_last_bn=1"])
+    assert parity.apply_settings(parity.SETTINGS["mocov3"](), ["heads.pred_last_bn=false"]).heads["pred_last_bn"] \
+        is False
+
+
+def test_swav_settings_cut_milder_local_crops_than_globals_on_both_sides(tmp_path):
+    """The 28 px SwAV settings: globals (0.3, 1), locals (0.1, 0.3), which fastssl reaches through data.aug plus
+    data.local_aug; check_same_views compares every view's scale, so a local_aug that did not land stops it."""
+    from fastssl.config import load_config
+    from fastssl.engine.trainer import build_spec
+
+    s = parity.SETTINGS["swav"]()
+    args = parity.argparse.Namespace(data=str(tmp_path), epochs=1, seed=0, precision="fp32", threads=1,
+                                     fastssl_override=[])
+    cfg = load_config(s.recipe, parity.fastssl_overrides(s, args, tmp_path / "run"))
+    parity.check_same_views(s, cfg)
+    assert [v.scale for v in build_spec(cfg).views] == [(0.3, 1.0)] * 2 + [(0.1, 0.3)] * 4
+    s.extra.remove("data.local_aug.scale=[0.1,0.3]")
+    cfg = load_config(s.recipe, parity.fastssl_overrides(s, args, tmp_path / "run"))
+    with pytest.raises(SystemExit, match="view 2 scale"):
+        parity.check_same_views(s, cfg)
+
+
 def test_check_same_views_refuses_a_different_spec(tmp_path):
     from fastssl.config import load_config
 
