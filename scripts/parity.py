@@ -13,9 +13,10 @@ eval loaders: train split as the bank, val split as the queries).
   (torchvision's BasicBlock, small-image stem, width multiplier), heads, losses, EMA, queue and Sinkhorn;
   torchvision transforms on PIL images in a DataLoader; SGD with momentum. It imports from fastssl only the
   evaluator (the same function for both) and, to check that the settings really are equal, fastssl's view spec.
-  Its losses take the heads' outputs in fp32 under bf16 autocast, as fastssl's do (``--indep-bf16-loss`` gives
-  the BYOL / SimCLR records made before that default their old bf16 loss back). Each method's BatchNorm sees the
-  batches its paper's code gives it (the class docstrings say which; recorded as ``batchnorm`` in the JSON).
+  Its losses take the heads' outputs upcast to fp32 and run with autocast off, as fastssl's losses upcast theirs
+  (``--indep-bf16-loss`` gives the BYOL / SimCLR records made before that default their old bf16 loss back). Each
+  method's BatchNorm sees the batches its paper's code gives it (the class docstrings say which; recorded as
+  ``batchnorm`` in the JSON). The independent side also scores its initial weights (``knn_init``).
 
 Outputs in ``--out``: ``fastssl.json`` and ``independent.json`` (per-epoch kNN, img/s), ``parity.json``
 (both + the gap), ``parity.png`` (kNN per epoch), and a markdown table on stdout. ``--impl`` runs one side
@@ -753,6 +754,11 @@ def run_independent(s: Settings, args: argparse.Namespace, cfg, out: Path) -> di
     if hasattr(model, "steps_per_epoch"):
         model.steps_per_epoch = len(loader)
     evaluate = Evaluator(cfg)
+    knn_init = None
+    if args.knn_init:  # the bar reads each side's gain over the initial weights (both sides' with --indep-init fastssl)
+        with torch.random.fork_rng():  # the training run draws the same numbers with or without this evaluation
+            knn_init = evaluate(model.backbone)
+        print(f"independent {s.method} initial weights ({args.indep_init}): kNN {knn_init:.2f} %", flush=True)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     total, step, knn, train_time = args.epochs * len(loader), 0, [], 0.0
     for epoch in range(args.epochs):
@@ -776,9 +782,10 @@ def run_independent(s: Settings, args: argparse.Namespace, cfg, out: Path) -> di
         train_time += time.perf_counter() - t0
         knn.append(evaluate(model.backbone))
         print(f"independent {s.method} epoch {epoch + 1}: loss {loss.item():.4f} kNN {knn[-1]:.2f} %", flush=True)
-    return {"knn_top1": knn, "img_s": step * s.batch / max(train_time, 1e-9), "source": args.source,
-            "decay_all": args.indep_decay_all, "init": args.indep_init, "channels_last": args.indep_channels_last,
-            "loss_precision": "fp32" if model.loss_fp32 or dtype is None else "bf16", "batchnorm": model.batchnorm}
+    return {"knn_top1": knn, "knn_init": knn_init, "img_s": step * s.batch / max(train_time, 1e-9),
+            "source": args.source, "decay_all": args.indep_decay_all, "init": args.indep_init,
+            "channels_last": args.indep_channels_last, "batchnorm": model.batchnorm,
+            "loss_precision": "fp32" if model.loss_fp32 or dtype is None else "bf16"}
 
 
 # ---- report -------------------------------------------------------------------------------------------------
@@ -914,6 +921,12 @@ def summarize(runs: list[Path], out: Path, method: str | None = None) -> dict:
         "gap_points": {"per_seed": gap.round(2).tolist(), "mean": gap.mean(0).round(2).tolist(),
                        "sem": sem.round(2).tolist()},
     }
+    inits = [r["independent"].get("knn_init") for r in per_run]
+    if all(v is not None for v in inits):  # the initial weights' kNN, and each side's gain over it at the end
+        init = float(np.mean(inits))
+        result["knn_init"] = {"per_seed": [round(v, 2) for v in inits], "mean": round(init, 2),
+                              "gain_at_end": {"fastssl": round(float(f.mean(0)[-1]) - init, 2),
+                                              "independent": round(float(i.mean(0)[-1]) - init, 2)}}
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / "summary.json", (json.dumps(result, indent=2) + "\n").encode())
 
@@ -947,6 +960,12 @@ def summarize(runs: list[Path], out: Path, method: str | None = None) -> dict:
         print(f"| **{name}, mean** | " + " | ".join(f"{v:.2f}" for v in values.mean(0)) + " |")
     print("| **gap, mean +- s.e. (points)** | "
           + " | ".join(f"{g:+.2f} +- {s:.2f}" for g, s in zip(gap.mean(0), sem, strict=True)) + " |")
+    if "knn_init" in result:
+        k0 = result["knn_init"]
+        print(f"\ninitial weights: kNN {k0['mean']:.2f} % (mean of {k}); gain at epoch {n}: fastssl "
+              f"{k0['gain_at_end']['fastssl']:+.2f}, independent {k0['gain_at_end']['independent']:+.2f} points")
+    else:
+        print("\ninitial weights: not scored in every run (--knn-init), so no gain over them")
     return result
 
 
@@ -975,6 +994,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the independent side decays biases and BN parameters too")
     p.add_argument("--indep-init", choices=("own", "fastssl"), default="own",
                    help="the independent model's initial weights: its own, or fastssl's for the same seed")
+    p.add_argument("--knn-init", action=argparse.BooleanOptionalAction, default=True,
+                   help="the independent side also scores its initial weights (the bar's 'gain over random init')")
     p.add_argument("--indep-channels-last", action="store_true",
                    help="the independent side in channels-last memory format, as fastssl (a diagnosis)")
     p.add_argument("--indep-bf16-loss", action="store_true",

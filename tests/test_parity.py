@@ -293,6 +293,7 @@ def test_parity_mocov3_runs_end_to_end_from_fastssls_weights(tmp_path):
     assert len(result["fastssl"]["knn_top1"]) == len(result["independent"]["knn_top1"]) == 1
     record = json.loads((out / "independent.json").read_text())
     assert (record["init"], record["batchnorm"], record["loss_precision"]) == ("fastssl", "per view", "fp32")
+    assert 0.0 <= record["knn_init"] <= 100.0  # the shared initial weights, scored before training
     assert record["settings"]["heads"]["proj_layers"] == 3
 
 
@@ -441,7 +442,19 @@ def test_summarize_gives_the_seed_means_and_the_mean_gap(tmp_path, capsys):
     # standard error of the mean gap at epoch 1: sample std of (1, -2, 1) = sqrt(3), / sqrt(3) = 1
     assert result["gap_points"]["sem"][0] == pytest.approx(1.0, abs=0.01)
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "+0.00 +- 1.00" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "+0.00 +- 1.00" in printed and "no gain over them" in printed
+    assert "knn_init" not in result
+
+
+def test_summarize_gives_each_sides_gain_over_the_initial_weights(tmp_path, capsys):
+    runs = [_fake_run(tmp_path / f"s{k}", k, [76.0, 80.0 + k], [75.0, 81.0], changed={"independent": {"knn_init": v}})
+            for k, v in enumerate([66.0, 67.0, 68.0])]
+    result = parity.summarize(runs, tmp_path / "out")
+    # fastssl's last epoch: mean of 80, 81, 82 = 81; independent 81; the initial weights 67
+    assert result["knn_init"] == {"per_seed": [66.0, 67.0, 68.0], "mean": 67.0,
+                                  "gain_at_end": {"fastssl": 14.0, "independent": 14.0}}
+    assert "gain at epoch 2: fastssl +14.00, independent +14.00 points" in capsys.readouterr().out
 
 
 def test_summarize_refuses_mixed_settings_repeated_seeds_and_missing_sides(tmp_path):
