@@ -47,6 +47,9 @@ class DataConfig:
     std: list[float] | None = None
     # ViewSpec fields set on every view of the preset, e.g. {scale: [0.3, 1.0], blur_p: 0.0} for 32 px data
     aug: dict[str, Any] = field(default_factory=dict)
+    # ViewSpec fields set on the local views only (multi-crop presets: swav, dino), after ``aug``: small images
+    # want other scale ranges for the globals and the locals, e.g. {scale: [0.1, 0.3]} beside aug.scale [0.3, 1]
+    local_aug: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -265,6 +268,7 @@ _RULES: dict[str, Rule] = {
     "data.mean": _optional(_numbers(3, ("", _is_real), "finite (R, G, B)"), "the preset's"),
     "data.std": _optional(_numbers(3, _real(0.0, open_low=True), "> 0 (R, G, B)"), "the preset's"),
     "data.aug": ("a mapping of ViewSpec fields", lambda v: isinstance(v, dict)),  # values: checked by build_spec
+    "data.local_aug": ("a mapping of ViewSpec fields", lambda v: isinstance(v, dict)),  # likewise
     "model.backbone": (f"one of {', '.join(BACKBONES)}", lambda v: v in BACKBONES),
     "model.width": _int(1),
     "optim.base_lr": _real(0.0, open_low=True),
@@ -485,17 +489,24 @@ def build_spec(cfg: DictConfig, name: str | None = None) -> pipelines.MultiCropS
     except ValueError as e:
         raise ConfigError(f"data (spec={name or d.spec}, global_size={d.global_size}, local_size={d.local_size}, "
                           f"n_local={d.n_local}): {e}") from None
-    if d.aug and spec.name != "eval":
-        aug = {k: tuple(v) if isinstance(v, list | tuple) or OmegaConf.is_list(v) else v for k, v in d.aug.items()}
+    if spec.name == "eval":
+        return spec
+    for key, first in (("aug", 0), ("local_aug", spec.n_global)):  # the local crops: the views after the globals
+        if not d.get(key):
+            continue
+        if first == len(spec.views):
+            raise ConfigError(f"data.{key}: the {spec.name} views have no local crops; it must go with a multi-crop "
+                              "spec (swav, dino) whose data.local_size is below data.global_size")
+        aug = {k: tuple(v) if isinstance(v, list | tuple) or OmegaConf.is_list(v) else v for k, v in d[key].items()}
         fields = [f.name for f in dataclasses.fields(pipelines.ViewSpec)]
         unknown = [k for k in aug if k not in fields]
         if unknown:
-            raise ConfigError(f"data.aug.{unknown[0]}: not a view setting; the keys are ViewSpec fields: "
+            raise ConfigError(f"data.{key}.{unknown[0]}: not a view setting; the keys are ViewSpec fields: "
                               f"{', '.join(fields)}")
         try:
-            views = tuple(dataclasses.replace(v, **aug) for v in spec.views)
+            views = spec.views[:first] + tuple(dataclasses.replace(v, **aug) for v in spec.views[first:])
         except (TypeError, ValueError) as e:  # ViewSpec's messages start with the field's name
-            raise ConfigError(f"data.aug.{e}") from None
+            raise ConfigError(f"data.{key}.{e}") from None
         spec = dataclasses.replace(spec, views=views)
     return spec
 
@@ -560,8 +571,9 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, v in tree.items():
             key = f"{prefix}.{k}" if prefix else str(k)
-            # data.aug is one value: its keys may come and go
-            out.update(_flatten(v, key) if isinstance(v, dict) and key != "data.aug" else {key: v})
+            # data.aug and data.local_aug are one value each: their keys may come and go
+            out.update(_flatten(v, key) if isinstance(v, dict) and key not in ("data.aug", "data.local_aug")
+                       else {key: v})
         return out
     return {prefix: tree}
 
