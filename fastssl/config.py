@@ -47,6 +47,9 @@ class DataConfig:
     std: list[float] | None = None
     # ViewSpec fields set on every view of the preset, e.g. {scale: [0.3, 1.0], blur_p: 0.0} for 32 px data
     aug: dict[str, Any] = field(default_factory=dict)
+    # ViewSpec fields set on the local views only (multi-crop presets: swav, dino), after ``aug``: small images
+    # want other scale ranges for the globals and the locals, e.g. {scale: [0.1, 0.3]} beside aug.scale [0.3, 1]
+    local_aug: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -102,6 +105,48 @@ class TrainConfig:
 
 
 @dataclass
+class LinearProtocolConfig:
+    """The papers' linear evaluation (``fastssl-linear --protocol paper``): the frozen backbone (BatchNorm in eval
+    mode) under a linear head trained with SGD on RandomResizedCrop + flip views, scored on the centre view.
+    Defaults: SwAV's eval_linear.py; each recipe carries its paper's values."""
+
+    epochs: int = 100
+    batch_size: int = 256  # global, over all ranks
+    base_lr: float = 0.3  # x batch_size / 256
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1.0e-6
+    schedule: str = "cosine"  # cosine (to 0) | step (x gamma at each of milestones)
+    milestones: list[int] = field(default_factory=list)  # epochs
+    gamma: float = 0.1
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
+    center_crop: float = 0.875  # the scored view: this fraction of the shorter side, centred (Resize 256, crop 224)
+
+
+@dataclass
+class FinetuneProtocolConfig:
+    """Semi-supervised fine-tuning of the whole network on a labelled subset (``fastssl-finetune``): backbone and
+    linear head with their own learning rates, RandomResizedCrop + flip views, scored on the centre view.
+    Defaults: SwAV's eval_semisup.py at 10 % (1 %: base_lr 0.02, head_lr 5)."""
+
+    epochs: int = 20
+    batch_size: int = 256  # global, over all ranks
+    base_lr: float = 0.01  # the backbone's, x batch_size / 256
+    head_lr: float = 0.2  # the linear head's, x batch_size / 256
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "step"
+    milestones: list[int] = field(default_factory=lambda: [12, 16])
+    gamma: float = 0.2
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    center_crop: float = 0.875
+
+
+EVAL_AFTER = ("knn", "linear", "finetune")  # what eval.after may chain after training (fastssl-eval's protocols)
+
+
+@dataclass
 class EvalConfig:
     knn: bool = True
     knn_k: int = 20
@@ -115,6 +160,22 @@ class EvalConfig:
     probe_lr: float = 1.0e-3  # the probe's own Adam
     wandb: bool = False  # also log to Weights & Biases (when the wandb package is installed)
     wandb_project: str = "fastssl"
+    # The protocols papers report (fastssl-linear --protocol paper, fastssl-finetune, fastssl-eval): the paper's
+    # settings, per recipe.
+    linear: LinearProtocolConfig = field(default_factory=LinearProtocolConfig)
+    finetune_1pct: FinetuneProtocolConfig = field(
+        default_factory=lambda: FinetuneProtocolConfig(base_lr=0.02, head_lr=5.0))
+    finetune_10pct: FinetuneProtocolConfig = field(default_factory=FinetuneProtocolConfig)
+    after: list[str] = field(default_factory=list)  # [knn, linear, finetune]: fastssl-eval on the run once trained
+
+
+@dataclass
+class SlurmConfig:
+    """The run inside a SLURM job (fastssl-submit; engine/slurm_job.py): how often the job may requeue itself, and
+    how long a requeued job waits for the previous job's hold on the run folder."""
+
+    max_requeues: int = 50  # the job requeues itself at the time limit / on preemption at most this many times
+    lock_wait_s: float = 300.0  # a requeued job waits this long for the old job to release the run folder
 
 
 @dataclass
@@ -125,6 +186,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     out_dir: str = "runs/default"
     resume: str = "auto"  # auto: newest valid checkpoint in out_dir/checkpoints if any | none | a checkpoint path
     # Keys (or whole sections: "optim", "method") a resume may change although they change what is trained;
@@ -206,6 +268,7 @@ _RULES: dict[str, Rule] = {
     "data.mean": _optional(_numbers(3, ("", _is_real), "finite (R, G, B)"), "the preset's"),
     "data.std": _optional(_numbers(3, _real(0.0, open_low=True), "> 0 (R, G, B)"), "the preset's"),
     "data.aug": ("a mapping of ViewSpec fields", lambda v: isinstance(v, dict)),  # values: checked by build_spec
+    "data.local_aug": ("a mapping of ViewSpec fields", lambda v: isinstance(v, dict)),  # likewise
     "model.backbone": (f"one of {', '.join(BACKBONES)}", lambda v: v in BACKBONES),
     "model.width": _int(1),
     "optim.base_lr": _real(0.0, open_low=True),
@@ -235,11 +298,35 @@ _RULES: dict[str, Rule] = {
     "eval.probe_every": _int(1),
     "eval.probe_lr": _real(0.0, open_low=True),
     "eval.wandb_project": _text(),
+    "slurm.max_requeues": _int(0),
+    "slurm.lock_wait_s": _real(0.0),
+    "eval.after": (f"a list of {', '.join(EVAL_AFTER)}",
+                   lambda v: isinstance(v, list | tuple) and all(x in EVAL_AFTER for x in v)),
     "out_dir": _text(),
     "resume": _text(),
     "resume_allow_changes": ("a list of config keys or sections, e.g. [method.base_tau,optim]",
                              lambda v: isinstance(v, list | tuple) and all(isinstance(k, str) for k in v)),
 }
+_SCHEDULES = ("cosine", "step")
+for _section in ("eval.linear", "eval.finetune_1pct", "eval.finetune_10pct"):
+    _CHOICES[f"{_section}.schedule"] = _SCHEDULES
+    _RULES.update({
+        f"{_section}.epochs": _int(1),
+        f"{_section}.batch_size": _int(1),
+        f"{_section}.base_lr": _real(0.0, open_low=True),
+        f"{_section}.momentum": _real(0.0, 1.0, open_high=True),
+        f"{_section}.weight_decay": _real(0.0),
+        f"{_section}.milestones": ("a list of epochs (integers >= 1)",
+                                   lambda v: isinstance(v, list | tuple) and all(_is_int(x) and x >= 1 for x in v)),
+        f"{_section}.gamma": _real(0.0, 1.0, open_low=True),
+        f"{_section}.crop_scale": ("a [low, high] pair with 0 < low <= high <= 1",
+                                   lambda v: isinstance(v, list | tuple) and len(v) == 2 and all(_is_real(x) for x in v)
+                                   and 0 < v[0] <= v[1] <= 1),
+        f"{_section}.center_crop": _real(0.0, 1.0, open_low=True),
+    })
+    if "finetune" in _section:
+        _RULES[f"{_section}.head_lr"] = _real(0.0, open_low=True)
+
 # What a rule's message adds: how to turn the feature off, or what 0 means.
 _HINTS = {
     "train.max_steps": " (0: no limit)",
@@ -250,6 +337,8 @@ _HINTS = {
     "eval.knn_every": " (0: no kNN monitor during training)",
     "eval.probe_every": " (eval.probe=false turns the probe off)",
     "train.epochs": " (train.max_steps stops a run earlier)",
+    "slurm.max_requeues": " (0: a job never requeues itself)",
+    "slurm.lock_wait_s": " (0: a requeued job does not wait for the previous one's hold on the run folder)",
 }
 
 # The methods' constructor arguments, by name (the same name means the same thing in every method).
@@ -400,17 +489,24 @@ def build_spec(cfg: DictConfig, name: str | None = None) -> pipelines.MultiCropS
     except ValueError as e:
         raise ConfigError(f"data (spec={name or d.spec}, global_size={d.global_size}, local_size={d.local_size}, "
                           f"n_local={d.n_local}): {e}") from None
-    if d.aug and spec.name != "eval":
-        aug = {k: tuple(v) if isinstance(v, list | tuple) or OmegaConf.is_list(v) else v for k, v in d.aug.items()}
+    if spec.name == "eval":
+        return spec
+    for key, first in (("aug", 0), ("local_aug", spec.n_global)):  # the local crops: the views after the globals
+        if not d.get(key):
+            continue
+        if first == len(spec.views):
+            raise ConfigError(f"data.{key}: the {spec.name} views have no local crops; it must go with a multi-crop "
+                              "spec (swav, dino) whose data.local_size is below data.global_size")
+        aug = {k: tuple(v) if isinstance(v, list | tuple) or OmegaConf.is_list(v) else v for k, v in d[key].items()}
         fields = [f.name for f in dataclasses.fields(pipelines.ViewSpec)]
         unknown = [k for k in aug if k not in fields]
         if unknown:
-            raise ConfigError(f"data.aug.{unknown[0]}: not a view setting; the keys are ViewSpec fields: "
+            raise ConfigError(f"data.{key}.{unknown[0]}: not a view setting; the keys are ViewSpec fields: "
                               f"{', '.join(fields)}")
         try:
-            views = tuple(dataclasses.replace(v, **aug) for v in spec.views)
+            views = spec.views[:first] + tuple(dataclasses.replace(v, **aug) for v in spec.views[first:])
         except (TypeError, ValueError) as e:  # ViewSpec's messages start with the field's name
-            raise ConfigError(f"data.aug.{e}") from None
+            raise ConfigError(f"data.{key}.{e}") from None
         spec = dataclasses.replace(spec, views=views)
     return spec
 
@@ -445,7 +541,7 @@ RESUME_ACCEPTED = (
     "train.max_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.max_bad_steps",
     "train.deterministic", "train.threads", "train.progress", "train.channels_last", "train.compile",
     "train.compile_mode",
-    "eval", "out_dir", "resume", "resume_allow_changes",
+    "eval", "slurm", "out_dir", "resume", "resume_allow_changes",
 )
 
 
@@ -475,8 +571,9 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, v in tree.items():
             key = f"{prefix}.{k}" if prefix else str(k)
-            # data.aug is one value: its keys may come and go
-            out.update(_flatten(v, key) if isinstance(v, dict) and key != "data.aug" else {key: v})
+            # data.aug and data.local_aug are one value each: their keys may come and go
+            out.update(_flatten(v, key) if isinstance(v, dict) and key not in ("data.aug", "data.local_aug")
+                       else {key: v})
         return out
     return {prefix: tree}
 

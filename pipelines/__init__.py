@@ -114,6 +114,10 @@ class Loader:
     start at batch b of epoch e; ``set_epoch(e)`` starts epoch e at batch 0 except right after a
     resume into e. A completed iteration moves on to the next epoch by itself.
 
+    Subset: ``subset`` (global sample ids of the split) restricts the loader to those samples, as if the split
+    held only them (the 1 % / 10 % labelled subsets of semi-supervised fine-tuning); ranks cut the sorted ids
+    into contiguous ranges the same way.
+
     Bad samples: a sample whose bytes do not decode (damaged after conversion) raises a
     ``DatasetFormatError`` naming its file and sample id; with ``skip_bad_samples`` it is instead replaced
     in its batch by the next good sample of that batch (cyclically), so the batch keeps its shape and what
@@ -144,6 +148,7 @@ class Loader:
         shuffle: bool = True,
         drop_last: bool = True,
         skip_bad_samples: bool = False,
+        subset: Sequence[int] | np.ndarray | None = None,
     ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size (per rank) must be a positive int, got {batch_size!r}")
@@ -155,16 +160,17 @@ class Loader:
         self.device = resolve_device(device)
         self.counts = [int(c) for c in counts]
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
-        total, n_shards = int(self.offsets[-1]), len(self.counts)
+        ids = np.arange(int(self.offsets[-1]), dtype=np.int64) if subset is None else self._subset(subset)
+        total = len(ids)
 
         # Contiguous ranges, not whole shards per rank: with a shard count that world_size does not divide (or
         # shards of unequal sizes) whole shards leave the ranks unequal, and equal batch counts then meant
         # dropping the surplus of the larger ranks every epoch.
         lo, hi = rank * total // world_size, (rank + 1) * total // world_size
         self.shard_mode = "ranges"
-        self.sample_ids = np.arange(lo, hi, dtype=np.int64)
-        self.shards = [s for s in range(n_shards) if self.counts[s] > 0 and self.offsets[s] < hi
-                       and self.offsets[s + 1] > lo]
+        self.sample_ids = ids[lo:hi]
+        holders = np.unique(np.searchsorted(self.offsets, self.sample_ids, side="right") - 1)
+        self.shards = [int(s) for s in holders]
         per_rank = total // world_size  # the smallest range
         self.samples_per_epoch = per_rank
         n_batches = per_rank // batch_size if self.drop_last else math.ceil(per_rank / batch_size)
@@ -182,6 +188,15 @@ class Loader:
         self._batch_bad: dict[int, list[tuple[int, str]]] = {}  # batch of the running epoch -> its bad samples
         self._pos = (0, 0)  # (epoch, next batch) of the live stream
         self._resume_pending = False
+
+    def _subset(self, subset: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The split's samples to read: sorted unique int64 ids, each in [0, split size)."""
+        ids = np.unique(np.asarray(subset, dtype=np.int64))
+        size = int(self.offsets[-1])
+        if len(ids) and (ids[0] < 0 or ids[-1] >= size):
+            bad = int(ids[0] if ids[0] < 0 else ids[-1])
+            raise ValueError(f"subset: sample id {bad} outside the split's {size} samples")
+        return ids
 
     # ---- plan -------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -429,6 +444,7 @@ def build_loader(
     augment: bool | None = None,
     progress: bool = True,
     skip_bad_samples: bool = False,
+    subset: Sequence[int] | np.ndarray | None = None,
 ) -> Loader:
     """A loader over ``split`` of the converted dataset at ``path`` for this rank.
 
@@ -444,6 +460,8 @@ def build_loader(
       every rank but one, and for quiet runs.
     skip_bad_samples: replace a sample that does not decode by the next one of its batch and record it in
       ``loader.bad_samples`` (training) instead of raising ``DatasetFormatError`` (see ``Loader``).
+    subset: read only these samples of the split (global sample ids: the position in the split, shard by
+      shard), e.g. a labelled subset; None reads the whole split.
     The loader yields ``Batch``; see ``Loader`` for sharding, order and resume.
     """
     if isinstance(spec, str):
@@ -469,4 +487,4 @@ def build_loader(
                          "(dali: nvJPEG on the GPU)")
     return cls(path, spec, batch_size, split=split, rank=rank, world_size=world_size, device=device, seed=seed,
                shuffle=shuffle, drop_last=drop_last, num_workers=num_workers, skip_bad_samples=skip_bad_samples,
-               **options)
+               subset=subset, **options)

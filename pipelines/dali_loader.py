@@ -31,7 +31,7 @@ import io
 import os
 import random
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -116,13 +116,14 @@ class DaliLoader(Loader):
         dali_photometric: bool = False,
         prefetch: int = 2,
         skip_bad_samples: bool = False,
+        subset: Sequence[int] | np.ndarray | None = None,
     ):
         self.path = Path(path)
         manifest = load_manifest(self.path)
         self.shard_files = [str(p) for p in shard_paths(self.path, split, manifest)]
         super().__init__(shard_counts(manifest, split), spec, batch_size, rank=rank, world_size=world_size,
                          device=device, seed=seed, shuffle=shuffle, drop_last=drop_last,
-                         skip_bad_samples=skip_bad_samples)
+                         skip_bad_samples=skip_bad_samples, subset=subset)
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device}")
         self.split = split

@@ -510,13 +510,14 @@ class FfcvLoader(Loader):
         num_workers: int | None = None,
         prefetch: int = 2,
         skip_bad_samples: bool = False,
+        subset: Sequence[int] | np.ndarray | None = None,
     ):
         self.path = Path(path)
         manifest = load_manifest(self.path)
         self.beton = beton_path(self.path, split, manifest)
         super().__init__(shard_counts(manifest, split), spec, batch_size, rank=rank, world_size=world_size,
                          device=device, seed=seed, shuffle=shuffle, drop_last=drop_last,
-                         skip_bad_samples=skip_bad_samples)
+                         skip_bad_samples=skip_bad_samples, subset=subset)
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device}")
         self.split = split

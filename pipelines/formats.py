@@ -11,6 +11,11 @@ A converted dataset is a folder:
     train.beton, val.beton   optional (``--formats wds,ffcv``): each split as one FFCV file, samples in
                              shard order; written by ``pipelines.ffcv_loader.write_betons``, listed
                              in the manifest's ``"ffcv"`` section
+    train.names.json.gz ...  each split's source names in stored order (the file's path under SRC, or
+                             ``train/123`` for Fashion-MNIST's 124th train image), gzip-compressed JSON,
+                             listed in the manifest's ``"names"`` section: selecting images by file name
+                             (the ImageNet 1 % / 10 % label lists) needs them. A sidecar, not a manifest
+                             field: ImageNet's 1.28 M names would make every loader's manifest read slow
 
 Only this module knows the layout; loaders and the converter call it.
 """
@@ -18,6 +23,7 @@ Only this module knows the layout; loaders and the converter call it.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import json
 import os
@@ -280,6 +286,80 @@ def iter_samples(tar_path: str | os.PathLike) -> Iterator[tuple[str, bytes, int]
                 label = int(data.decode())
         if key is not None:
             yield _complete(tar_path, key, jpeg, label)
+
+
+NAMES_SUFFIX = ".names.json.gz"
+
+
+def names_file(split: str) -> str:
+    return f"{split}{NAMES_SUFFIX}"
+
+
+def write_names(folder: str | os.PathLike, split: str, names: list[str]) -> dict:
+    """Write ``split``'s source names (stored order) beside its shards, atomically; same names, same bytes.
+
+    Returns the manifest's ``"names"`` entry of the split: ``{"name", "count", "bytes", "sha256"}``."""
+    blob = gzip.compress(json.dumps({"split": split, "names": list(names)}).encode(), mtime=0)
+    name = names_file(split)
+    atomic_write_bytes(Path(folder) / name, blob)
+    return {"name": name, "count": len(names), "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+
+
+def add_names_hint(folder: str | os.PathLike, manifest: dict) -> str:
+    """How to add the source names to a dataset converted without them, without re-encoding an image."""
+    source = manifest.get("source", {})
+    src = "fashion-mnist" if source.get("kind") == "fashion-mnist" else source.get("path", "SRC")
+    return (f"add them without re-encoding: `fastssl-convert {src} {folder} --add-names` (SRC: the folder or "
+            "name it was converted from, unchanged since)")
+
+
+def load_names(folder: str | os.PathLike, split: str, manifest: dict | None = None) -> list[str]:
+    """The source name of every sample of ``split``, in stored order (index = sample id).
+
+    Raises DatasetFormatError when the dataset was converted before names were kept (the message says how to
+    add them), or when the names file is missing or does not match the manifest."""
+    folder = Path(folder)
+    manifest = manifest if manifest is not None else load_manifest(folder)
+    if split not in manifest["splits"]:
+        raise DatasetFormatError(f"{folder / MANIFEST}: no split {split!r} (has {sorted(manifest['splits'])})")
+    entry = manifest.get("names", {}).get(split)
+    if entry is None:
+        raise DatasetFormatError(f"{folder}: converted without the images' source names (by a fastssl-convert from "
+                                 f"before it kept them); {add_names_hint(folder, manifest)}")
+    path = folder / entry["name"]
+    try:
+        blob = path.read_bytes()
+    except OSError as e:
+        raise DatasetFormatError(f"{path}: listed in the manifest but unreadable ({e.strerror or e}); "
+                                 f"{add_names_hint(folder, manifest)}") from None
+    if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
+        raise DatasetFormatError(f"{path}: sha256 differs from the manifest's; {add_names_hint(folder, manifest)}")
+    names = json.loads(gzip.decompress(blob))["names"]
+    count = int(manifest["splits"][split]["count"])
+    if len(names) != count:
+        raise DatasetFormatError(f"{path}: {len(names)} names for the {count} samples of {split}; "
+                                 f"{add_names_hint(folder, manifest)}")
+    return names
+
+
+def split_labels(folder: str | os.PathLike, split: str, manifest: dict | None = None):
+    """The labels of ``split`` in stored order: int64 (N,), read through each shard's index (one small read per
+    sample, no image bytes)."""
+    import numpy as np
+
+    from pipelines.torch_loader import index_shard  # its index parser; imported here: that module imports this one
+
+    folder = Path(folder)
+    manifest = manifest if manifest is not None else load_manifest(folder)
+    out = []
+    for path in shard_paths(folder, split, manifest):
+        table = index_shard(path)
+        with open(path, "rb") as f:
+            for offset, size, ascii_label in table[:, 2:5].tolist():
+                f.seek(offset)
+                data = f.read(size)
+                out.append(int(data.decode()) if ascii_label else struct.unpack("<i", data)[0])
+    return np.asarray(out, dtype=np.int64)
 
 
 def _complete(tar_path, key, jpeg, label) -> tuple[str, bytes, int]:

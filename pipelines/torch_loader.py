@@ -36,7 +36,7 @@ import random
 import re
 import struct
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -428,6 +428,7 @@ class TorchLoader(Loader):
         cache_budget: int = RAM_CACHE_BUDGET,
         progress: bool = True,
         skip_bad_samples: bool = False,
+        subset: Sequence[int] | np.ndarray | None = None,
     ):
         if cache not in ("auto", "ram", "none"):
             raise ValueError(f"cache must be 'auto', 'ram' or 'none', got {cache!r}")
@@ -443,7 +444,7 @@ class TorchLoader(Loader):
         self.shard_files = [str(p) for p in shard_paths(self.path, split, manifest)]
         super().__init__(shard_counts(manifest, split), spec, batch_size, rank=rank, world_size=world_size,
                          device=device, seed=seed, shuffle=shuffle, drop_last=drop_last,
-                         skip_bad_samples=skip_bad_samples)
+                         skip_bad_samples=skip_bad_samples, subset=subset)
         self.split = split
         self.num_workers = default_num_workers() if num_workers is None else int(num_workers)
         self.mode = "workers"

@@ -16,6 +16,8 @@ budget; ``--dry-run`` runs each step's CPU-possible part here, see below):
                    refuse data.decode=device)
   decode_profile   3. scripts/profile_device_decode.py: where data.decode=device spends its time, per decoder
   train_compiled   4. the SwAV ResNet-50 run on DALI with train.compile=true, against step 2's eager dali figure
+  step_layout      4. scripts/bench_step.py: BYOL ResNet-50's own step (batch 128, bf16), channels-last vs NCHW,
+                   eager vs compiled (what train.channels_last / train.compile=auto should pick on CUDA)
   gpu_tests        5. pytest -m gpu (every test that needs CUDA)
   equivalence      5. tests/test_backend_equivalence.py with FASTSSL_TEST_DEVICE=cuda: dali, ffcv and torch (its
                    worker, RAM-cache and device-decode modes) draw the spec's augmentation on the GPU
@@ -131,6 +133,12 @@ def plan(out: Path, python: str = sys.executable, cores: int | None = None) -> l
              [python, script("bench_train.py"), *swav, "--backend", "dali", "--skip-reference",
               "--json", str(out / "bench_train_compiled.json"), *train_common, "train.compile=true"],
              180, needs=("convert",), figures_from=str(out / "bench_train_compiled.json"), dry=_DRY_TRAIN),
+        Step("step_layout", "4. BYOL ResNet-50 step: channels-last vs NCHW, eager vs compiled",
+             [python, script("bench_step.py"), "--config", "byol_resnet50_imagenet", "--method", "byol", "--device",
+              "cuda", "--batch", "128", "--compile", "yes", "--warmup", "3", "--repeats", "10",
+              "--json", str(out / "bench_step.json")], 150, figures_from=str(out / "bench_step.json"),
+             dry={"--device": "cpu", "--batch": "2", "--compile": "no", "--warmup": "0", "--repeats": "1",
+                  "model.width=": "8", "data.global_size=": "32"}),
         Step("gpu_tests", "5. pytest -m gpu", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu",
                                                str(ROOT / "tests")], 90),
         Step("equivalence", "5. backend equivalence on the GPU (dali, ffcv, torch)",
@@ -317,6 +325,9 @@ def _figures_of(name: str, data: dict) -> dict:
                 key = "reference" if r["name"] == "reference" else run["backend"]
                 figures[key] = f"{r['img_s']:.0f} img/s, data-wait {r['data_wait_pct']:.1f} %"
         return figures
+    if name == "step_layout":
+        figures = {f"{r['layout']} {r['mode']}": f"{r['ms']:.1f} ms/step" for r in data.get("rows", [])}
+        return {**figures, "best": data.get("best")}
     if name == "kernels":
         return {f"{r['op']} {r['impl']}": f"{r['median_ms']:.3f} ms (x{r['x_vs_eager']})"
                 for r in data.get("results", []) if r["impl"] != "eager"}

@@ -13,6 +13,10 @@ eval loaders: train split as the bank, val split as the queries).
   (torchvision's BasicBlock, small-image stem, width multiplier), heads, losses, EMA, queue and Sinkhorn;
   torchvision transforms on PIL images in a DataLoader; SGD with momentum. It imports from fastssl only the
   evaluator (the same function for both) and, to check that the settings really are equal, fastssl's view spec.
+  Its losses take the heads' outputs upcast to fp32 and run with autocast off, as fastssl's losses upcast theirs
+  (``--indep-bf16-loss`` gives the BYOL / SimCLR records made before that default their old bf16 loss back). Each
+  method's BatchNorm sees the batches its paper's code gives it (the class docstrings say which; recorded as
+  ``batchnorm`` in the JSON). The independent side also scores its initial weights (``knn_init``).
 
 Outputs in ``--out``: ``fastssl.json`` and ``independent.json`` (per-epoch kNN, img/s), ``parity.json``
 (both + the gap), ``parity.png`` (kNN per epoch), and a markdown table on stdout. ``--impl`` runs one side
@@ -22,9 +26,11 @@ only (two processes can run the sides in parallel; the last one to finish, or ``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gzip
 import io
+import itertools
 import json
 import math
 import os
@@ -117,21 +123,70 @@ def _mocov2() -> Settings:
                          "saturation": 0.4, "hue": 0.1})
 
 
+def _mocov3() -> Settings:
+    # MoCo v3 with the paper's ResNet heads (sec. 4: a 3-layer projector and a 2-layer predictor, BN after every
+    # layer, the output ones included), scaled down like BYOL's (1024 hidden, 256 out); T 0.2, m 0.99 -> 1 (cosine);
+    # BYOL's asymmetric views (the paper's augmentations) with the authors' ResNet crop-min 0.2, no blur on 28 px.
+    views = [View(scale=(0.2, 1.0), solarize_p=0.0), View(scale=(0.2, 1.0), solarize_p=0.2)]
+    return Settings("mocov3", "mocov3_resnet18_fmnist", "mocov3", views,
+                    heads=dict(proj_hidden=1024, proj_dim=256, pred_hidden=1024, proj_layers=3, pred_last_bn=True,
+                               temperature=0.2, base_tau=0.99),
+                    lr=0.06, weight_decay=5e-4, aug={"scale": [0.2, 1.0], "blur_p": 0.0})
+
+
 def _swav() -> Settings:
-    # SwAV multi-crop: 2 x 32 px scale (0.14, 1) + 4 x 16 px scale (0.05, 0.14), colour strength 1, no blur;
-    # 100 prototypes, T 0.1, eps 0.05, 3 Sinkhorn iterations, prototypes frozen for 0.2 epoch, queue of 2048
-    # past embeddings per global crop from the first step.
+    # SwAV multi-crop adapted to 28 px images and a 5-epoch run (issue 26). The settings before, 2 x 32 px scale
+    # (0.14, 1) + 4 x 16 px (0.05, 0.14), 100 prototypes, eps 0.05, prototypes frozen for 0.2 epoch and a queue of
+    # 2,048 from the first step, collapsed on both sides: loss ln 100 (uniform codes) from step ~260 on. Each change
+    # is one of the SwAV authors' remedies for a loss stuck at ln K (their README, "Common issues"), sized for 28 px:
+    # - crops 2 x 32 px scale (0.3, 1) + 4 x 16 px scale (0.1, 0.3), colour strength 1, no blur: a 5 % crop of a
+    #   28 px image is a 6 x 6 px patch, mostly background ("reduce the difficulty"; BYOL's recipe measured +1.6
+    #   points for scale >= 0.3 on these images);
+    # - eps 0.03 (their first remedy: sharper codes); T 0.1 and 3 Sinkhorn iterations as the paper;
+    # - 30 prototypes, 3 per class as SwAV's 3,000 for ImageNet's 1,000: a batch of 256 shares 8.5 samples to each,
+    #   enough for the equipartition without a queue (100 got 2.6);
+    # - prototypes frozen for the first epoch, as SwAV's own schedules;
+    # - a queue of 1,024 (4 batches) from epoch 2 ("start the queue later, use a smaller one").
     colour = dict(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2)
-    views = [View(scale=(0.14, 1.0), **colour)] * 2 + [View(size=16, scale=(0.05, 0.14), **colour)] * 4
+    views = [View(scale=(0.3, 1.0), **colour)] * 2 + [View(size=16, scale=(0.1, 0.3), **colour)] * 4
     return Settings("swav", "swav_resnet18_fmnist", "swav", views,
-                    heads=dict(proj_hidden=512, proj_dim=64, n_prototypes=100, temperature=0.1, sinkhorn_eps=0.05,
-                               sinkhorn_iters=3, freeze_prototypes_epochs=0.2, queue_length=2048,
-                               queue_start_epoch=0),
-                    lr=0.06, weight_decay=5e-4, aug={"blur_p": 0.0},
-                    extra=["data.local_size=16", "data.n_local=4"])
+                    heads=dict(proj_hidden=512, proj_dim=64, n_prototypes=30, temperature=0.1, sinkhorn_eps=0.03,
+                               sinkhorn_iters=3, freeze_prototypes_epochs=1.0, queue_length=1024,
+                               queue_start_epoch=2),
+                    lr=0.06, weight_decay=5e-4, aug={"blur_p": 0.0, "scale": [0.3, 1.0]},
+                    extra=["data.local_size=16", "data.n_local=4", "data.local_aug.scale=[0.1,0.3]"])
 
 
-SETTINGS = {"byol": _byol, "simclr": _simclr, "mocov2": _mocov2, "swav": _swav}
+SETTINGS = {"byol": _byol, "simclr": _simclr, "mocov2": _mocov2, "mocov3": _mocov3, "swav": _swav}
+
+
+def apply_settings(s: Settings, items: list[str]) -> Settings:
+    """``KEY=VALUE`` edits of ``s`` for both sides alike (an ablation: one change on both sides; the records carry
+    the settings, so ``--summarize`` keeps the variants apart): ``heads.NAME`` (the method's own hyper-parameters),
+    ``lr``, ``weight_decay``, ``momentum``. VALUE is JSON (a number, true / false) of the setting's type."""
+    for item in items:
+        key, sep, raw = item.partition("=")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if key.startswith("heads.") and key[6:] in s.heads:
+            current = s.heads[key[6:]]
+        elif key in ("lr", "weight_decay", "momentum"):
+            current = getattr(s, key)
+        else:
+            raise SystemExit(f"parity: --setting {item}: the keys are lr, weight_decay, momentum and heads.NAME with "
+                             f"NAME one of {s.method}'s {', '.join(s.heads)}")
+        numeric = isinstance(value, int | float) and not isinstance(value, bool)
+        fits = {bool: isinstance(value, bool), int: numeric and value == int(value), float: numeric}
+        if not sep or not fits.get(type(current), False):
+            raise SystemExit(f"parity: --setting {item}: {key} is a {type(current).__name__} ({current!r} now)")
+        value = type(current)(value)
+        if key.startswith("heads."):
+            s.heads[key[6:]] = value
+        else:
+            setattr(s, key, value)
+    return s
 
 
 def fastssl_overrides(s: Settings, args: argparse.Namespace, out_dir: Path) -> list[str]:
@@ -291,6 +346,21 @@ def mlp(in_dim: int, hidden: int, out: int, bn: bool = True) -> nn.Sequential:
                          nn.Linear(hidden, out))
 
 
+def bn_mlp(in_dim: int, hidden: int, out: int, layers: int, last_bn: bool) -> nn.Sequential:
+    """MoCo v3's heads: ``layers`` Linear layers, each hidden one followed by BN and ReLU, the output one by an
+    affine-free BN when ``last_bn`` (the paper: "all layers in both MLPs have BN"). No Linear has a bias, as in the
+    authors' code: a BN after it removes any shift. (B, in_dim) -> (B, out)."""
+    mods: list[nn.Module] = []
+    for i in range(layers):
+        last = i == layers - 1
+        mods.append(nn.Linear(in_dim if i == 0 else hidden, out if last else hidden, bias=False))
+        if not last:
+            mods += [nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        elif last_bn:
+            mods.append(nn.BatchNorm1d(out, affine=False))
+    return nn.Sequential(*mods)
+
+
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """BYOL eq. 2: mean over the batch of || p/|p| - z/|z| ||^2 = 2 - 2 cos(p, z)."""
     p = p / p.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -317,6 +387,14 @@ def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature
     l_neg = q @ queue.t()
     logits = torch.cat([l_pos, l_neg], dim=1) / temperature
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+def mocov3_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo v3's ctr(q, k) (Algorithm 1): cross-entropy of the N x N logits q k^T / T of the normalized queries
+    and keys, positives on the diagonal (the other keys of the batch are the negatives), times 2T."""
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    labels = torch.arange(len(q), device=q.device)
+    return 2 * temperature * F.cross_entropy(q @ k.t() / temperature, labels)
 
 
 @torch.no_grad()
@@ -357,8 +435,26 @@ def ema_(target: list[torch.Tensor], online: list[torch.Tensor], tau: float) -> 
         t.mul_(tau).add_(o.detach(), alpha=1.0 - tau)
 
 
+def loss_region(fp32: bool, like: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Where a loss is computed: with ``fp32``, autocast off (an upcast alone is not enough: autocast runs a matmul
+    in bf16 whatever its inputs' dtype), so the loss is fp32 throughout; else the caller's autocast as it is (the
+    independent BYOL / SimCLR before the fp32 default, ``--indep-bf16-loss``)."""
+    return torch.autocast(like.device.type, enabled=False) if fp32 else contextlib.nullcontext()
+
+
+def loss_inputs(fp32: bool, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The heads' outputs as the loss takes them: upcast to fp32 with ``fp32``, else as they are."""
+    return [t.float() for t in tensors] if fp32 else list(tensors)
+
+
 class IndependentBYOL(nn.Module):
-    loss_fp32 = False  # --indep-fp32-loss: the heads' outputs enter the loss in fp32 (as fastssl's do)
+    """BYOL (Grill et al., 2020): the online network predicts the EMA target's projection of the other view.
+
+    BatchNorm: per view, as the paper's code (each network runs once on each view, so every BN normalizes one
+    view by its own batch statistics)."""
+
+    batchnorm = "per view"
+    loss_fp32 = True  # the heads' outputs enter the loss in fp32, as fastssl's do (False: --indep-bf16-loss)
 
     def __init__(self, width: int, proj_hidden: int, proj_dim: int, pred_hidden: int, base_tau: float):
         super().__init__()
@@ -377,9 +473,9 @@ class IndependentBYOL(nn.Module):
         with torch.no_grad():
             z1 = self.target_projector(self.target_backbone(v1))
             z2 = self.target_projector(self.target_backbone(v2))
-        if self.loss_fp32:
-            p1, p2, z1, z2 = p1.float(), p2.float(), z1.float(), z2.float()
-        return byol_loss(p1, z2.detach()) + byol_loss(p2, z1.detach())
+        with loss_region(self.loss_fp32, p1):
+            p1, p2, z1, z2 = loss_inputs(self.loss_fp32, p1, p2, z1, z2)
+            return byol_loss(p1, z2.detach()) + byol_loss(p2, z1.detach())
 
     def after_step(self, k: int, total: int) -> None:
         tau = 1 - (1 - self.base_tau) * (math.cos(math.pi * k / total) + 1) / 2
@@ -387,7 +483,13 @@ class IndependentBYOL(nn.Module):
 
 
 class IndependentSimCLR(nn.Module):
-    loss_fp32 = False  # --indep-fp32-loss
+    """SimCLR (Chen et al., 2020): NT-Xent over the 2N projections of a batch's two views.
+
+    BatchNorm: over both views, as the paper's code (it stacks the two augmentations of every image into one
+    batch of 2N before the encoder, so backbone and projector normalize the two views with shared statistics)."""
+
+    batchnorm = "over both views"
+    loss_fp32 = True  # as BYOL's (False: --indep-bf16-loss)
 
     def __init__(self, width: int, proj_hidden: int, proj_dim: int, temperature: float):
         super().__init__()
@@ -396,16 +498,24 @@ class IndependentSimCLR(nn.Module):
         self.temperature = temperature
 
     def loss(self, views: list[torch.Tensor]) -> torch.Tensor:
-        z1, z2 = self.projector(self.backbone(views[0])), self.projector(self.backbone(views[1]))
-        if self.loss_fp32:
-            z1, z2 = z1.float(), z2.float()
-        return simclr_loss(z1, z2, self.temperature)
+        z1, z2 = self.projector(self.backbone(torch.cat(views[:2]))).chunk(2)
+        with loss_region(self.loss_fp32, z1):
+            return simclr_loss(*loss_inputs(self.loss_fp32, z1, z2), self.temperature)
 
     def after_step(self, k: int, total: int) -> None:
         pass
 
 
 class IndependentMoCoV2(nn.Module):
+    """MoCo v2 (Chen, Fan, Girshick & He, 2020): a query of view 1 against its key of view 2 (momentum encoder)
+    and a queue of older keys; loss always in fp32 (the queue is fp32).
+
+    BatchNorm: per view, as the paper's code on one process (the query encoder sees view 1, the key encoder view 2;
+    Shuffle-BN only reorders the keys across GPUs); the projector has no BN."""
+
+    batchnorm = "per view"
+    loss_fp32 = True  # always (--indep-bf16-loss is for the old BYOL / SimCLR records only)
+
     def __init__(self, width: int, proj_hidden: int, proj_dim: int, queue_size: int, temperature: float,
                  momentum: float):
         super().__init__()
@@ -423,7 +533,8 @@ class IndependentMoCoV2(nn.Module):
         with torch.no_grad():
             k = F.normalize(self.key_projector(self.key_backbone(views[1])).float(), dim=1)
         self._keys = k
-        return moco_loss(q.float(), k, self.queue, self.temperature)
+        with loss_region(True, q):
+            return moco_loss(q.float(), k, self.queue, self.temperature)
 
     @torch.no_grad()
     def after_step(self, k: int, total: int) -> None:
@@ -435,7 +546,59 @@ class IndependentMoCoV2(nn.Module):
         self.ptr = (self.ptr + len(keys)) % size
 
 
+class IndependentMoCoV3(nn.Module):
+    """MoCo v3 (Chen, Xie & He, 2021), Algorithm 1: queries q = h(g(f(x))) (online backbone f, projector g,
+    predictor h), keys k = g'(f'(x)) from the momentum copies, no queue; loss ctr(q1, k2) + ctr(q2, k1), each the
+    InfoNCE of a batch's N x N logits times 2T; after the optimizer step f', g' <- m f', g' + (1 - m) f, g with
+    m rising from ``base_tau`` to 1 on a cosine over the run. Loss in fp32.
+
+    BatchNorm: per view, as the paper's code (the encoder and the momentum encoder each run once on x1 and once on
+    x2, so every BN normalizes one view by its own batch statistics)."""
+
+    batchnorm = "per view"
+    loss_fp32 = True  # always (--indep-bf16-loss is for the old BYOL / SimCLR records only)
+
+    def __init__(self, width: int, proj_hidden: int, proj_dim: int, pred_hidden: int, proj_layers: int,
+                 pred_last_bn: bool, temperature: float, base_tau: float):
+        super().__init__()
+        self.backbone = SmallResNet18(width)
+        self.projector = bn_mlp(self.backbone.feat_dim, proj_hidden, proj_dim, proj_layers, last_bn=True)
+        self.predictor = bn_mlp(proj_dim, pred_hidden, proj_dim, 2, last_bn=pred_last_bn)
+        self.momentum_backbone = copy.deepcopy(self.backbone)
+        self.momentum_projector = copy.deepcopy(self.projector)
+        for p in _params_of(self.momentum_backbone, self.momentum_projector):
+            p.requires_grad_(False)
+        self.temperature, self.base_tau = temperature, base_tau
+
+    def loss(self, views: list[torch.Tensor]) -> torch.Tensor:
+        x1, x2 = views[:2]
+        q1 = self.predictor(self.projector(self.backbone(x1)))
+        q2 = self.predictor(self.projector(self.backbone(x2)))
+        with torch.no_grad():
+            k1 = self.momentum_projector(self.momentum_backbone(x1))
+            k2 = self.momentum_projector(self.momentum_backbone(x2))
+        t = self.temperature
+        with loss_region(True, q1):
+            q1, q2, k1, k2 = loss_inputs(True, q1, q2, k1, k2)
+            return mocov3_loss(q1, k2, t) + mocov3_loss(q2, k1, t)
+
+    def after_step(self, k: int, total: int) -> None:
+        m = 1 - (1 - self.base_tau) * (math.cos(math.pi * k / total) + 1) / 2
+        ema_(_params_of(self.momentum_backbone, self.momentum_projector), _params_of(self.backbone, self.projector),
+             m)
+
+
 class IndependentSwAV(nn.Module):
+    """SwAV (Caron et al., 2020): codes of the two global crops by Sinkhorn-Knopp (with a queue of past global
+    embeddings once it is full), each predicted from every other crop's softmax over the prototypes; loss in fp32.
+
+    BatchNorm: per resolution, as the paper's code (its ResNet concatenates the crops of one size into one backbone
+    forward, so the 2 global crops share statistics and the local crops theirs, then runs the projection head once
+    over the features of every crop)."""
+
+    batchnorm = "per resolution"
+    loss_fp32 = True  # always (--indep-bf16-loss is for the old BYOL / SimCLR records only)
+
     def __init__(self, width: int, proj_hidden: int, proj_dim: int, n_prototypes: int, temperature: float,
                  sinkhorn_eps: float, sinkhorn_iters: int, freeze_prototypes_epochs: float, queue_length: int,
                  queue_start_epoch: int):
@@ -456,7 +619,9 @@ class IndependentSwAV(nn.Module):
         self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
 
     def loss(self, views: list[torch.Tensor]) -> torch.Tensor:
-        z = [F.normalize(self.projector(self.backbone(v)), dim=1) for v in views]
+        feats = [self.backbone(torch.cat(list(group))) for _, group in
+                 itertools.groupby(views, key=lambda v: tuple(v.shape[-2:]))]  # consecutive crops of one size
+        z = F.normalize(self.projector(torch.cat(feats)), dim=1).chunk(len(views))
         scores = [self.prototypes(zv) for zv in z]
         codes = []
         with torch.no_grad():
@@ -466,7 +631,8 @@ class IndependentSwAV(nn.Module):
                     s = torch.cat([self.prototypes(self.queue[a]).float(), s])
                 codes.append(sinkhorn_knopp(s, self.eps, self.iters)[-len(views[a]):])
         self._new = [z[a].detach().float() for a in range(2)]
-        return swav_loss([s.float() for s in scores], codes, self.temperature)
+        with loss_region(True, scores[0]):
+            return swav_loss(loss_inputs(True, *scores), codes, self.temperature)
 
     def before_update(self, k: int) -> None:
         if k < self.freeze_epochs * self.steps_per_epoch:
@@ -483,7 +649,7 @@ class IndependentSwAV(nn.Module):
 
 def build_independent(s: Settings) -> nn.Module:
     cls = {"byol": IndependentBYOL, "simclr": IndependentSimCLR, "mocov2": IndependentMoCoV2,
-           "swav": IndependentSwAV}[s.method]
+           "mocov3": IndependentMoCoV3, "swav": IndependentSwAV}[s.method]
     return cls(s.width, **s.heads)
 
 
@@ -498,11 +664,17 @@ def copy_fastssl_init(model: nn.Module, cfg, seed: int) -> None:
 
 def copy_weights(model: nn.Module, theirs: dict) -> None:
     """Load fastssl's state dict ``theirs`` into the independent ``model`` (names are shared; the independent
-    heads' first-Linear biases, which fastssl's heads do not have, are set to zero)."""
+    heads' first-Linear biases, which fastssl's heads do not have, are set to zero). Stops when fastssl's model
+    has a weight or bias that the independent one lacks (the two would compute different functions; fastssl's
+    own bookkeeping buffers such as ``tau`` or ``queue_ptr`` are left out)."""
     ours = model.state_dict()
     missing = [k for k in ours if k not in theirs and not k.endswith(".bias")]
     if missing:
         raise SystemExit(f"parity: fastssl's model has no tensor for {missing[:3]}")
+    extra = [k for k in theirs if k not in ours and k.endswith((".weight", ".bias"))]
+    if extra:
+        raise SystemExit(f"parity: the independent model has no tensor for fastssl's {extra[:3]}; "
+                         "the two heads differ in layout")
     model.load_state_dict({k: theirs[k].clone() if k in theirs else torch.zeros_like(v) for k, v in ours.items()})
 
 
@@ -572,8 +744,8 @@ def run_independent(s: Settings, args: argparse.Namespace, cfg, out: Path) -> di
                                              num_workers=args.workers, persistent_workers=args.workers > 0,
                                              generator=torch.Generator().manual_seed(args.seed))
     model = build_independent(s)
-    if args.indep_fp32_loss:  # MoCo v2's and SwAV's losses always take fp32 (their queues are fp32)
-        model.loss_fp32 = True
+    if args.indep_bf16_loss:  # only to compare with records made before the fp32 default (BYOL, SimCLR)
+        model.loss_fp32 = False
     if args.indep_init == "fastssl":
         copy_fastssl_init(model, cfg, args.seed)
     if args.indep_channels_last:
@@ -582,6 +754,11 @@ def run_independent(s: Settings, args: argparse.Namespace, cfg, out: Path) -> di
     if hasattr(model, "steps_per_epoch"):
         model.steps_per_epoch = len(loader)
     evaluate = Evaluator(cfg)
+    knn_init = None
+    if args.knn_init:  # the bar reads each side's gain over the initial weights (both sides' with --indep-init fastssl)
+        with torch.random.fork_rng():  # the training run draws the same numbers with or without this evaluation
+            knn_init = evaluate(model.backbone)
+        print(f"independent {s.method} initial weights ({args.indep_init}): kNN {knn_init:.2f} %", flush=True)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     total, step, knn, train_time = args.epochs * len(loader), 0, [], 0.0
     for epoch in range(args.epochs):
@@ -605,9 +782,10 @@ def run_independent(s: Settings, args: argparse.Namespace, cfg, out: Path) -> di
         train_time += time.perf_counter() - t0
         knn.append(evaluate(model.backbone))
         print(f"independent {s.method} epoch {epoch + 1}: loss {loss.item():.4f} kNN {knn[-1]:.2f} %", flush=True)
-    return {"knn_top1": knn, "img_s": step * s.batch / max(train_time, 1e-9), "source": args.source,
-            "decay_all": args.indep_decay_all, "init": args.indep_init, "channels_last": args.indep_channels_last,
-            "fp32_loss": bool(args.indep_fp32_loss or s.method in ("mocov2", "swav"))}
+    return {"knn_top1": knn, "knn_init": knn_init, "img_s": step * s.batch / max(train_time, 1e-9),
+            "source": args.source, "decay_all": args.indep_decay_all, "init": args.indep_init,
+            "channels_last": args.indep_channels_last, "batchnorm": model.batchnorm,
+            "loss_precision": "fp32" if model.loss_fp32 or dtype is None else "bf16"}
 
 
 # ---- report -------------------------------------------------------------------------------------------------
@@ -677,6 +855,19 @@ def _read_run(run: Path) -> dict:
     return sides
 
 
+def independent_numerics(record: dict) -> dict:
+    """How an independent run computed: {"batchnorm": statistics, "loss_precision": "fp32" | "bf16"}.
+
+    Records made before these keys (issue 26) forwarded every view on its own ("per view"), and under bf16
+    autocast their loss was fp32 only for BYOL with ``fp32_loss`` (no matmul in its loss) and for SwAV (log-softmax
+    of upcast scores); SimCLR's and MoCo v2's logits came out of a bf16 matmul even with the upcast."""
+    if "batchnorm" in record:
+        return {"batchnorm": record["batchnorm"], "loss_precision": record["loss_precision"]}
+    method = (record.get("settings") or {}).get("method")
+    fp32 = record.get("precision") == "fp32" or method == "swav" or (method == "byol" and record.get("fp32_loss"))
+    return {"batchnorm": "per view", "loss_precision": "fp32" if fp32 else "bf16"}
+
+
 def summarize(runs: list[Path], out: Path, method: str | None = None) -> dict:
     """Seeds of one method, each a folder with both sides: per-epoch mean and spread of each side, the gap of
     every seed and its mean (with the standard error), ``summary.json`` + ``summary.png`` + a markdown table.
@@ -698,12 +889,15 @@ def summarize(runs: list[Path], out: Path, method: str | None = None) -> dict:
         if r["independent"].get("seed") != r["fastssl"].get("seed"):
             raise SystemExit(f"parity: {run}: the two sides ran with different seeds")
         for name in ("fastssl", "independent"):
-            for key, default in (("settings", None), ("precision", None), ("epochs", None), ("fp32_loss", False)):
-                # every record against the first run's same side, and the two sides on the shared settings
-                theirs = first[name] if key == "fp32_loss" else first["fastssl"]
-                if r[name].get(key, default) != theirs.get(key, default):
+            for key in ("settings", "precision", "epochs"):  # both sides against the first run's shared settings
+                if r[name].get(key) != first["fastssl"].get(key):
                     raise SystemExit(f"parity: {run / (name + '.json')}: its {key} differs from {runs[0]}'s; "
                                      "summarize runs of the same settings only")
+        ours, theirs = independent_numerics(r["independent"]), independent_numerics(first["independent"])
+        for key in ours:
+            if ours[key] != theirs[key]:
+                raise SystemExit(f"parity: {run / 'independent.json'}: its {key} differs from {runs[0]}'s "
+                                 f"({ours[key]} against {theirs[key]}); summarize runs of one implementation only")
     seeds = [r["fastssl"].get("seed") for r in per_run]
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"parity: the runs repeat a seed ({seeds}); give one folder per seed")
@@ -727,6 +921,12 @@ def summarize(runs: list[Path], out: Path, method: str | None = None) -> dict:
         "gap_points": {"per_seed": gap.round(2).tolist(), "mean": gap.mean(0).round(2).tolist(),
                        "sem": sem.round(2).tolist()},
     }
+    inits = [r["independent"].get("knn_init") for r in per_run]
+    if all(v is not None for v in inits):  # the initial weights' kNN, and each side's gain over it at the end
+        init = float(np.mean(inits))
+        result["knn_init"] = {"per_seed": [round(v, 2) for v in inits], "mean": round(init, 2),
+                              "gain_at_end": {"fastssl": round(float(f.mean(0)[-1]) - init, 2),
+                                              "independent": round(float(i.mean(0)[-1]) - init, 2)}}
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / "summary.json", (json.dumps(result, indent=2) + "\n").encode())
 
@@ -760,6 +960,12 @@ def summarize(runs: list[Path], out: Path, method: str | None = None) -> dict:
         print(f"| **{name}, mean** | " + " | ".join(f"{v:.2f}" for v in values.mean(0)) + " |")
     print("| **gap, mean +- s.e. (points)** | "
           + " | ".join(f"{g:+.2f} +- {s:.2f}" for g, s in zip(gap.mean(0), sem, strict=True)) + " |")
+    if "knn_init" in result:
+        k0 = result["knn_init"]
+        print(f"\ninitial weights: kNN {k0['mean']:.2f} % (mean of {k}); gain at epoch {n}: fastssl "
+              f"{k0['gain_at_end']['fastssl']:+.2f}, independent {k0['gain_at_end']['independent']:+.2f} points")
+    else:
+        print("\ninitial weights: not scored in every run (--knn-init), so no gain over them")
     return result
 
 
@@ -788,14 +994,25 @@ def main(argv: list[str] | None = None) -> int:
                    help="the independent side decays biases and BN parameters too")
     p.add_argument("--indep-init", choices=("own", "fastssl"), default="own",
                    help="the independent model's initial weights: its own, or fastssl's for the same seed")
+    p.add_argument("--knn-init", action=argparse.BooleanOptionalAction, default=True,
+                   help="the independent side also scores its initial weights (the bar's 'gain over random init')")
     p.add_argument("--indep-channels-last", action="store_true",
                    help="the independent side in channels-last memory format, as fastssl (a diagnosis)")
+    p.add_argument("--indep-bf16-loss", action="store_true",
+                   help="the independent BYOL / SimCLR take the heads' bf16 outputs into their loss under bf16 "
+                        "autocast, as before the fp32 default (only to compare with those records)")
     p.add_argument("--indep-fp32-loss", action="store_true",
-                   help="the independent BYOL / SimCLR compute their loss in fp32 under bf16 autocast, as fastssl "
-                        "does (its MoCo v2 and SwAV always do); by default the heads' bf16 outputs enter the loss")
+                   help="the default now (every independent loss takes fp32, as fastssl's); accepted so that the "
+                        "recorded commands still run")
+    p.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one of the method's settings on BOTH sides (heads.NAME, lr, weight_decay, momentum), "
+                        "e.g. heads.sinkhorn_eps=0.05 to measure one change; recorded with the settings")
     p.add_argument("--fastssl-override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra fastssl override (a hypothesis probe; recorded in the JSON)")
     args = p.parse_args(argv)
+    if args.indep_bf16_loss and (args.indep_fp32_loss or args.method not in ("byol", "simclr")):
+        p.error("--indep-bf16-loss recreates the BYOL / SimCLR records made before the fp32 default; "
+                f"it does not combine with --indep-fp32-loss or --method {args.method}")
     args.data = str(Path(args.data).resolve())
     if args.summarize:
         out = Path(args.out or REPO / "runs" / "parity" / f"{args.method}_seeds").resolve()
@@ -805,7 +1022,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.report:
         return 0 if report(out, args.method) else 1
-    s = SETTINGS[args.method]()
+    s = apply_settings(SETTINGS[args.method](), args.setting)
     if args.width:
         s.width = args.width
     if args.batch_size:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from pipelines import Batch, ViewSpec
-from pipelines.formats import ShardWriter, iter_samples, load_manifest, shard_paths, write_manifest
+from pipelines.formats import ShardWriter, iter_samples, load_manifest, shard_paths, write_manifest, write_names
 
 # Triton decides at kernel definition (first import of a kernel module) whether it interprets; without a
 # GPU every test process must interpret, whichever test module happens to import fastssl first.
@@ -48,8 +48,11 @@ def _jpeg(img: Image.Image, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
-def write_dataset(folder: Path, classes: list[str], splits: dict[str, list[list[tuple[bytes, int]]]]) -> Path:
-    """Write ``splits[name]`` = list of shards, each a list of (jpeg, label), plus the manifest."""
+def write_dataset(folder: Path, classes: list[str], splits: dict[str, list[list[tuple[bytes, int]]]],
+                  names: dict[str, list[str]] | None = None) -> Path:
+    """Write ``splits[name]`` = list of shards, each a list of (jpeg, label), plus the manifest. ``names``: each
+    split's source names in stored order (the sidecar fastssl-convert writes); None: a dataset without names,
+    as converted before fastssl-convert kept them."""
     folder.mkdir(parents=True, exist_ok=True)
     manifest_splits = {}
     for split, shards in splits.items():
@@ -61,7 +64,10 @@ def write_dataset(folder: Path, classes: list[str], splits: dict[str, list[list[
                 n += 1
             infos.append(asdict(writer.close()))
         manifest_splits[split] = {"count": n, "shards": infos}
-    write_manifest(folder, {"classes": classes, "splits": manifest_splits})
+    manifest = {"classes": classes, "splits": manifest_splits}
+    if names is not None:
+        manifest["names"] = {split: write_names(folder, split, split_names) for split, split_names in names.items()}
+    write_manifest(folder, manifest)
     return folder
 
 
@@ -110,21 +116,40 @@ def tiny_dataset(tmp_path_factory) -> Path:
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_gray_dataset(tmp_path_factory) -> Path:
-    """Fashion-MNIST-like: 28x28 grayscale JPEGs, 10 classes; train 96 in unequal shards (40, 30, 26), val 32."""
-    rng = np.random.default_rng(1)
+def _gray_blobs(n: int, seed: int) -> list[tuple[bytes, int]]:
+    """28x28 grayscale JPEGs of a noisy blob whose size tells its class (10 classes, label i % 10)."""
+    rng = np.random.default_rng(seed)
     samples = []
-    for i in range(128):
+    for i in range(n):
         label = i % 10
         yy, xx = np.mgrid[0:28, 0:28]
         cy, cx = rng.uniform(8, 20, size=2)
         blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (2 + label) ** 2))
         pix = np.clip(255 * blob + rng.normal(0, 12, size=(28, 28)), 0, 255).astype(np.uint8)
         samples.append((_jpeg(Image.fromarray(pix, mode="L")), label))
+    return samples
+
+
+@pytest.fixture(scope="session")
+def tiny_gray_dataset(tmp_path_factory) -> Path:
+    """Fashion-MNIST-like: 28x28 grayscale JPEGs, 10 classes; train 96 in unequal shards (40, 30, 26), val 32."""
+    samples = _gray_blobs(128, seed=1)
     return write_dataset(
         tmp_path_factory.mktemp("tinygray"), [f"c{k}" for k in range(10)],
         {"train": _chunks(samples[:96], [40, 30, 26]), "val": [samples[96:]]},
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_gray_named(tmp_path_factory) -> Path:
+    """Like tiny_gray_dataset, larger (train 200 in shards of 120 and 80, val 40) and with each image's source
+    name (``train/<class>/<i>.png``, as fastssl-convert keeps them): what the evaluations select subsets from."""
+    samples = _gray_blobs(240, seed=2)
+    names = {split: [f"{split}/c{label}/{i}.png" for i, (_, label) in enumerate(part)]
+             for split, part in (("train", samples[:200]), ("val", samples[200:]))}
+    return write_dataset(
+        tmp_path_factory.mktemp("tinygraynamed"), [f"c{k}" for k in range(10)],
+        {"train": _chunks(samples[:200], [120, 80]), "val": [samples[200:]]}, names=names,
     )
 
 
@@ -197,3 +222,22 @@ def assert_epoch_reads_every_sample(make_loader, total: int, world_size: int, ba
         assert len(flat) >= total - world_size * batch
         counts = [len(ld.sample_ids) for ld in loaders]
         assert max(counts) - min(counts) <= 1  # balanced
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every attempt to open a network connection fails, and the test fails at teardown if one was made (even
+    when the code under test caught the error): the evaluations must run offline."""
+    import socket
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args[1:] if args and isinstance(args[0], socket.socket) else args)
+        raise OSError("network access refused by the test's no_network fixture")
+
+    for owner, name in ((socket.socket, "connect"), (socket.socket, "connect_ex"), (socket, "getaddrinfo"),
+                        (socket, "create_connection")):
+        monkeypatch.setattr(owner, name, refuse)
+    yield attempts
+    assert not attempts, f"the code tried to reach the network: {attempts}"

@@ -54,6 +54,20 @@ def test_single_pair_prints_its_own_speedup_last(tiny_gray_dataset, tmp_path, ca
     assert math.isclose(run["speedup"], run["results"][0]["img_s"] / run["results"][1]["img_s"])
 
 
+def test_bench_step_times_both_layouts_and_the_per_view_loop(tmp_path, capsys):
+    out_json = tmp_path / "step.json"
+    report = load_script("bench_step", "_bench_step_under_test").main([
+        "--method", "byol", "--batch", "8", "--threads", "1", "--warmup", "1", "--repeats", "2", "--per-view-loop",
+        "--json", str(out_json), "model.width=4", "method.proj_hidden=32", "method.proj_dim=16",
+        "method.pred_hidden=32"])
+    rows = report["rows"]
+    assert [(r["layout"], r["mode"]) for r in rows][:2] == [("channels_last", "eager"), ("nchw", "eager")]
+    assert rows[2]["mode"] == "eager, a forward per view" and all(r["ms"] > 0 for r in rows)
+    assert report["best"] in {f"{r['layout']}/{r['mode']}" for r in rows[:2]}
+    assert json.loads(out_json.read_text())["best"] == report["best"]
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"best={report['best']}"
+
+
 def test_summary_skips_the_event_rows_of_metrics():
     """A skipped step writes an event row (no img/s) into metrics.jsonl: the window figures leave it out (it made
     the summary raise KeyError: 'img_s', found by gpu_check's dry run)."""

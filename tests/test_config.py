@@ -76,6 +76,22 @@ def test_method_keys_reach_the_constructor_and_optimizers_build():
     assert isinstance(sgd, torch.optim.SGD)
 
 
+def test_local_aug_sets_the_local_crops_only_after_aug():
+    from fastssl.config import build_spec
+
+    cfg = load_config("swav_resnet18_fmnist", ["data.aug.scale=[0.3,1.0]", "data.local_aug.scale=[0.1,0.3]",
+                                               "data.local_aug.flip_p=0.0"])
+    spec = build_spec(cfg)
+    assert [v.size for v in spec.views] == [32, 32, 16, 16, 16, 16]
+    assert [v.scale for v in spec.views] == [(0.3, 1.0)] * 2 + [(0.1, 0.3)] * 4
+    assert [v.flip_p for v in spec.views] == [0.5] * 2 + [0.0] * 4
+    assert build_spec(cfg, "eval").views[0].scale == (1.0, 1.0)  # the eval view stays deterministic
+    with pytest.raises(ConfigError, match="data.local_aug.bogus"):
+        build_spec(load_config("swav_resnet18_fmnist", ["data.local_aug.bogus=1"]))
+    with pytest.raises(ConfigError, match="data.local_aug.scale"):
+        build_spec(load_config("swav_resnet18_fmnist", ["data.local_aug.scale=[0.5,0.1]"]))
+
+
 # ------------------------------------------------------------------------------------------ every value checked
 # (override, the key the message must name): one at a time on the BYOL recipe, through the CLI.
 _WRONG_VALUES = [
@@ -86,6 +102,7 @@ _WRONG_VALUES = [
     ("data.n_local=-2", "data.n_local"),
     ("data.aug.scale=[2,1]", "data.aug.scale"),
     ("data.aug.bogus=1", "data.aug.bogus"),
+    ("data.local_aug.scale=[0.1,0.3]", "data.local_aug"),  # BYOL's views have no local crops
     ("data.global_size=0", "data.global_size"),
     ("data.num_workers=-1", "data.num_workers"),
     ("data.std=[0,1,1]", "data.std"),

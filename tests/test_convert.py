@@ -259,7 +259,7 @@ def test_same_input_gives_byte_identical_output_whatever_the_worker_count(tmp_pa
     convert(src, tmp_path / "a", shard_size=7, workers=0, progress=False)
     convert(src, tmp_path / "b", shard_size=7, workers=2, progress=False)
     a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
-    assert len(a) == 1 + 2 * 4  # manifest + 4 shards with their indexes
+    assert len(a) == 1 + 2 * 4 + 1  # manifest + 4 shards with their indexes + the names
     assert a == b
 
 
@@ -311,11 +311,13 @@ def test_overwrite_replaces_the_dataset_and_removes_stale_shards(tmp_path):
     convert(src, dst, shard_size=2, workers=0, progress=False)
     assert len(list(dst.glob("train-*.tar"))) == 5
     (dst / ".train-00009.tar.tmp").write_bytes(b"left by a killed run")
+    (dst / "val.names.json.gz").write_bytes(b"of an earlier dataset with a val split")
     with pytest.raises(ConvertError, match="--overwrite"):
         convert(src, dst, workers=0, progress=False)
     manifest = convert(src, dst, shard_size=100, workers=0, progress=False, overwrite=True)
     assert shard_counts(manifest, "train") == [9]
-    assert sorted(p.name for p in dst.iterdir()) == [MANIFEST, "train-00000.idx", "train-00000.tar"]
+    assert sorted(p.name for p in dst.iterdir()) == [MANIFEST, "train-00000.idx", "train-00000.tar",
+                                                     "train.names.json.gz"]
 
 
 # --------------------------------------------------------------------------------------------------

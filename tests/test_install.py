@@ -70,6 +70,12 @@ def test_the_wheel_ships_every_csrc_source_as_pipelines_csrc(wheel):
     assert shipped == {p.name: p.read_bytes() for p in CSRC}
     assert "pipelines/native.py" in names and "fastssl/train.py" in names
     assert not any(n.startswith("csrc/") for n in names)  # no top-level csrc/ in site-packages
+    # The canonical ImageNet label subsets travel inside the package, with their source and license.
+    subsets = ROOT / "fastssl" / "eval" / "imagenet_subsets"
+    with zipfile.ZipFile(wheel) as zf:
+        for p in sorted(subsets.iterdir()):
+            assert zf.read(f"fastssl/eval/imagenet_subsets/{p.name}") == p.read_bytes()
+    assert sorted(p.name for p in subsets.iterdir()) == ["10percent.txt.xz", "1percent.txt.xz", "SOURCE.md"]
 
 
 def _pip_local_sources() -> tuple[list[Path], list[Path]]:

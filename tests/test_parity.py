@@ -52,6 +52,28 @@ def test_moco_loss_matches_hand_value():
     assert parity.moco_loss(q, k, queue, 0.5).item() == pytest.approx(expected, abs=1e-6)
 
 
+def test_mocov3_loss_matches_hand_value():
+    q = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    k = torch.tensor([[1.0, 0.0], [0.0, 3.0]])  # scale must not matter
+    # logits q k^T / T with T = 0.5: [[2, 0], [0, 2]]; each row's positive on the diagonal:
+    # CE = log(e^2 + 1) - 2; times 2T = 1.
+    expected = math.log(math.exp(2) + 1) - 2
+    assert parity.mocov3_loss(q, k, 0.5).item() == pytest.approx(expected, abs=1e-6)
+    # T = 0.25: logits [[4, 0], [0, 4]], times 2T = 0.5
+    assert parity.mocov3_loss(q, k, 0.25).item() == pytest.approx(0.5 * (math.log(math.exp(4) + 1) - 4), abs=1e-6)
+
+
+def test_mocov3_heads_follow_the_paper_layout():
+    """Every Linear without bias, BN + ReLU after each hidden layer, an affine-free BN after the output one (or
+    none: the authors' ResNet predictor), and the layer names of fastssl's MLP (so --indep-init can copy)."""
+    head = parity.bn_mlp(8, 16, 4, layers=3, last_bn=True)
+    kinds = [type(m).__name__ for m in head]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert all(m.bias is None for m in head if isinstance(m, torch.nn.Linear))
+    assert not head[-1].affine
+    assert [type(m).__name__ for m in parity.bn_mlp(8, 16, 4, 2, last_bn=False)][-1] == "Linear"
+
+
 def test_sinkhorn_uniform_scores_give_uniform_codes_and_marginals_hold():
     q = parity.sinkhorn_knopp(torch.zeros(4, 2), eps=0.05, iters=3)
     assert torch.allclose(q, torch.full((4, 2), 0.5))
@@ -121,6 +143,112 @@ def test_settings_equal_fastssls_spec_and_independent_steps(method, tmp_path):
         model.after_step(step, 2)
 
 
+def _fastssl_and_independent(method: str, tmp_path: Path, **heads):
+    """fastssl's method (built as its trainer builds it) and the independent one with its weights, width 4."""
+    from fastssl.config import load_config
+    from fastssl.engine.trainer import build_model
+
+    s = parity.SETTINGS[method]()
+    s.width = 4
+    s.heads.update(heads)
+    args = parity.argparse.Namespace(data=str(tmp_path), epochs=1, seed=0, precision="fp32", threads=1,
+                                     fastssl_override=[])
+    cfg = load_config(s.recipe, parity.fastssl_overrides(s, args, tmp_path / "run"))
+    torch.manual_seed(0)
+    theirs = build_model(cfg).train()
+    ours = parity.build_independent(s).train()
+    parity.copy_weights(ours, theirs.state_dict())
+    return s, theirs, ours
+
+
+HEADS = {"byol": dict(proj_hidden=32, proj_dim=16, pred_hidden=32),
+         "simclr": dict(proj_hidden=32, proj_dim=16),
+         "mocov2": dict(proj_hidden=32, proj_dim=16, queue_size=64),
+         "mocov3": dict(proj_hidden=32, proj_dim=16, pred_hidden=32),
+         "swav": dict(proj_hidden=32, proj_dim=16, n_prototypes=10, queue_length=64)}
+
+
+@pytest.mark.parametrize("method", sorted(parity.SETTINGS))
+def test_independent_loss_and_gradients_equal_fastssls_from_the_same_weights(method, tmp_path):
+    """One forward + backward from the same weights on the same views: the loss and every gradient agree. This
+    pins each independent method's BatchNorm statistics to fastssl's, which follow the papers' code (per view for
+    BYOL, MoCo v2/v3; over both views for SimCLR; per resolution for SwAV's backbone and over all crops for its
+    projector): a SimCLR forwarding its views one by one, or a SwAV forwarding each crop alone, fails here."""
+    s, theirs, ours = _fastssl_and_independent(method, tmp_path, **HEADS[method])
+    gen = torch.Generator().manual_seed(1)
+    views = [torch.randn(8, 3, v.size, v.size, generator=gen) for v in s.views]
+    loss_theirs, _ = theirs([v.clone() for v in views])
+    loss_ours = ours.loss(views)
+    assert loss_theirs.item() == pytest.approx(loss_ours.item(), rel=1e-5)
+    loss_theirs.backward()
+    loss_ours.backward()
+    grads = dict(ours.named_parameters())
+    compared = 0
+    for name, p in theirs.named_parameters():
+        if p.grad is None or p.grad.norm() < 1e-6:  # e.g. BYOL's projector bias before the predictor's BN
+            continue
+        assert _rel(p.grad, grads[name].grad) < 1e-3, (name, _rel(p.grad, grads[name].grad))
+        compared += 1
+    assert compared > 20  # the backbone's convolutions and BNs and the heads
+
+
+@pytest.mark.parametrize("method,backbone,projector", [("byol", [8, 8], [8, 8]), ("mocov3", [8, 8], [8, 8]),
+                                                       ("simclr", [16], [16]), ("swav", [16, 32], [48])])
+def test_independent_batchnorm_sees_the_batches_of_its_papers_code(method, backbone, projector, tmp_path):
+    """The batch sizes the online backbone's first BN and the projector's first BN see in one training forward of
+    B = 8: one view at a time (BYOL, MoCo v3), both views at once (SimCLR), per resolution in the backbone and all
+    six crops at once in the projector (SwAV: 2 x 32 px + 4 x 16 px)."""
+    s, _, ours = _fastssl_and_independent(method, tmp_path, **HEADS[method])
+    seen: dict[str, list[int]] = {"backbone": [], "projector": []}
+    hooks = [ours.backbone.bn1.register_forward_pre_hook(lambda m, x: seen["backbone"].append(x[0].shape[0])),
+             ours.projector[1].register_forward_pre_hook(lambda m, x: seen["projector"].append(x[0].shape[0]))]
+    with torch.no_grad():
+        ours.loss([torch.randn(8, 3, v.size, v.size) for v in s.views])
+    for h in hooks:
+        h.remove()
+    assert seen == {"backbone": backbone, "projector": projector}
+
+
+def test_setting_changes_both_sides_and_refuses_what_it_cannot_set(tmp_path):
+    s = parity.apply_settings(parity.SETTINGS["swav"](), ["heads.sinkhorn_eps=0.05", "heads.n_prototypes=100",
+                                                          "heads.freeze_prototypes_epochs=1", "lr=0.03"])
+    assert (s.heads["sinkhorn_eps"], s.heads["n_prototypes"], s.lr) == (0.05, 100, 0.03)
+    assert isinstance(s.heads["freeze_prototypes_epochs"], float) and isinstance(s.heads["n_prototypes"], int)
+    args = parity.argparse.Namespace(data=str(tmp_path), epochs=1, seed=0, precision="fp32", threads=1,
+                                     fastssl_override=[])
+    ov = parity.fastssl_overrides(s, args, tmp_path / "run")
+    assert {"method.sinkhorn_eps=0.05", "method.n_prototypes=100", "optim.final_lr=0.03"} <= set(ov)
+    assert parity.build_independent(s).prototypes.weight.shape[0] == 100
+    for bad, says in (("heads.nope=1", "the keys are lr, weight_decay, momentum and heads.NAME"),
+                      ("width=8", "the keys are"), ("heads.n_prototypes=2.5", "n_prototypes is a int"),
+                      ("heads.sinkhorn_eps=small", "sinkhorn_eps is a float"), ("lr", "lr is a float"),
+                      ("heads.pred_last_bn=1", "the keys are")):
+        with pytest.raises(SystemExit, match=says):
+            parity.apply_settings(parity.SETTINGS["swav"](), [bad])
+    with pytest.raises(SystemExit, match="pred_last_bn is a bool"):
+        parity.apply_settings(parity.SETTINGS["mocov3"](), ["heads.pred_last_bn=1"])
+    assert parity.apply_settings(parity.SETTINGS["mocov3"](), ["heads.pred_last_bn=false"]).heads["pred_last_bn"] \
+        is False
+
+
+def test_swav_settings_cut_milder_local_crops_than_globals_on_both_sides(tmp_path):
+    """The 28 px SwAV settings: globals (0.3, 1), locals (0.1, 0.3), which fastssl reaches through data.aug plus
+    data.local_aug; check_same_views compares every view's scale, so a local_aug that did not land stops it."""
+    from fastssl.config import load_config
+    from fastssl.engine.trainer import build_spec
+
+    s = parity.SETTINGS["swav"]()
+    args = parity.argparse.Namespace(data=str(tmp_path), epochs=1, seed=0, precision="fp32", threads=1,
+                                     fastssl_override=[])
+    cfg = load_config(s.recipe, parity.fastssl_overrides(s, args, tmp_path / "run"))
+    parity.check_same_views(s, cfg)
+    assert [v.scale for v in build_spec(cfg).views] == [(0.3, 1.0)] * 2 + [(0.1, 0.3)] * 4
+    s.extra.remove("data.local_aug.scale=[0.1,0.3]")
+    cfg = load_config(s.recipe, parity.fastssl_overrides(s, args, tmp_path / "run"))
+    with pytest.raises(SystemExit, match="view 2 scale"):
+        parity.check_same_views(s, cfg)
+
+
 def test_check_same_views_refuses_a_different_spec(tmp_path):
     from fastssl.config import load_config
 
@@ -147,6 +275,26 @@ def test_parity_runs_end_to_end_and_writes_json_and_png(tmp_path):
         assert len(knn) == 2 and all(0.0 <= k <= 100.0 for k in knn)
     assert len(result["gap_points"]) == 2
     assert (out / "parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_parity_mocov3_runs_end_to_end_from_fastssls_weights(tmp_path):
+    """The MoCo v3 pair through the command line: both sides one epoch on 128 images, the independent one from
+    fastssl's initial weights (--indep-init fastssl copies MoCo v3's heads and momentum encoder); its record says
+    how it computed (per-view BN, fp32 loss)."""
+    from fastssl.convert import convert
+
+    data = tmp_path / "fmnist"
+    convert("fashion-mnist", data, limit={"train": 128, "val": 64}, workers=0, progress=False)
+    out = tmp_path / "out"
+    rc = parity.main(["--method", "mocov3", "--epochs", "1", "--data", str(data), "--out", str(out), "--width", "2",
+                      "--batch-size", "64", "--workers", "0", "--indep-init", "fastssl", "--precision", "bf16"])
+    assert rc == 0
+    result = json.loads((out / "parity.json").read_text())
+    assert len(result["fastssl"]["knn_top1"]) == len(result["independent"]["knn_top1"]) == 1
+    record = json.loads((out / "independent.json").read_text())
+    assert (record["init"], record["batchnorm"], record["loss_precision"]) == ("fastssl", "per view", "fp32")
+    assert 0.0 <= record["knn_init"] <= 100.0  # the shared initial weights, scored before training
+    assert record["settings"]["heads"]["proj_layers"] == 3
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -200,6 +348,71 @@ def test_fastssl_byol_steps_equal_the_independent_steps_from_the_same_weights(ti
                 assert _rel(t, theirs[name]) < 1e-4, (step, name, _rel(t, theirs[name]))
 
 
+def test_fastssl_mocov3_steps_equal_the_independent_steps_from_the_same_weights(tiny_gray_dataset, tmp_path):
+    """As the BYOL test, for MoCo v3: fastssl's Trainer forwards both views in ONE batched forward whose BatchNorms
+    normalize each view apart (fastssl.models.norm), the independent side once per view as the paper's code. From
+    the same weights and views, four steps (loss, SGD with the parameter groups, momentum update with the cosine m)
+    give the same loss, gradients, online weights and momentum-encoder weights. A pooled-BN forward, a one-sided
+    loss, a missing 2T factor, or an m a step late breaks it.
+
+    Both sides in float64 (their losses still take fp32, as written), at lr 0.006: in fp32, this width-4 model at
+    fastssl's seed-0 draw carries 3e-4 of rounding in its first gradients, and SGD at lr 0.06 amplifies that
+    ~50x a step (the independent code run in fp32 and in float64 parts by 2 % at step 2), which would hide a
+    defect; in float64 the two sides agree to ~1e-6 over four steps."""
+    from fastssl.config import load_config
+    from fastssl.engine.trainer import Trainer
+
+    s = parity.SETTINGS["mocov3"]()
+    s.width, s.batch, s.lr = 4, 16, 0.006
+    s.heads.update(proj_hidden=32, proj_dim=16, pred_hidden=32)
+    args = parity.argparse.Namespace(data=str(tiny_gray_dataset), epochs=1, seed=0, precision="fp32", threads=1,
+                                     fastssl_override=["train.channels_last=false", "data.num_workers=0"])
+    cfg = load_config(s.recipe, parity.fastssl_overrides(s, args, tmp_path / "run"))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        trainer = Trainer(cfg)
+        trainer._setup()
+        ours = parity.build_independent(s)
+    finally:
+        torch.set_default_dtype(default)
+    assert next(trainer.method.parameters()).dtype == torch.float64
+    assert trainer.total_steps == 6  # 96 images / 16: the cosine m rises from 0.99 by 1.7e-4 .. 2.5e-3 a step
+    parity.copy_weights(ours, trainer.method.state_dict())
+    opt = torch.optim.SGD(parity.param_groups(ours, s.weight_decay, False), lr=s.lr, momentum=s.momentum)
+    start = {n: t.clone() for n, t in ours.state_dict().items()
+             if n.startswith("momentum_") and n.endswith(("weight", "bias"))}
+    assert len(start) > 40
+    gen = torch.Generator().manual_seed(3)
+    for step in range(4):
+        views = [torch.rand(s.batch, 3, 32, 32, generator=gen, dtype=torch.float64) * 2 - 1 for _ in range(2)]
+        trainer.step = step
+        loss_fastssl, _ = trainer._train_step([v.clone() for v in views])
+        loss_ours = ours.loss(views)
+        opt.zero_grad(set_to_none=True)
+        loss_ours.backward()
+        opt.step()
+        ours.after_step(step, trainer.total_steps)
+        assert loss_fastssl.item() == pytest.approx(loss_ours.item(), rel=1e-6)
+        grads = dict(ours.named_parameters())
+        compared = 0
+        for name, p in trainer.method.named_parameters():
+            if p.grad is None:
+                assert name.startswith("momentum_") and grads[name].grad is None
+                continue
+            assert _rel(p.grad, grads[name].grad) < 1e-4, (step, name, _rel(p.grad, grads[name].grad))
+            compared += 1
+        assert compared > 40
+        theirs, mine = ours.state_dict(), trainer.method.state_dict()
+        for name, t in mine.items():
+            if name in theirs and t.is_floating_point() and "running" not in name:
+                assert _rel(t, theirs[name]) < 1e-6, (step, name, _rel(t, theirs[name]))
+        # The momentum encoder's displacement from its start, (1 - m) of the online one's per step: an m a step late
+        # (1 - m off by 7 % at step 0 of 6) or a missing update fails here.
+        for name, t0 in start.items():
+            assert _rel(mine[name] - t0, theirs[name] - t0) < 1e-3, (step, name)
+
+
 def _fake_run(folder: Path, seed: int, fastssl: list[float], independent: list[float],
               changed: dict | None = None) -> Path:
     """A finished parity run's two JSON files; ``changed`` = {side: {key: value}} edits one side's record."""
@@ -229,7 +442,19 @@ def test_summarize_gives_the_seed_means_and_the_mean_gap(tmp_path, capsys):
     # standard error of the mean gap at epoch 1: sample std of (1, -2, 1) = sqrt(3), / sqrt(3) = 1
     assert result["gap_points"]["sem"][0] == pytest.approx(1.0, abs=0.01)
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "+0.00 +- 1.00" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "+0.00 +- 1.00" in printed and "no gain over them" in printed
+    assert "knn_init" not in result
+
+
+def test_summarize_gives_each_sides_gain_over_the_initial_weights(tmp_path, capsys):
+    runs = [_fake_run(tmp_path / f"s{k}", k, [76.0, 80.0 + k], [75.0, 81.0], changed={"independent": {"knn_init": v}})
+            for k, v in enumerate([66.0, 67.0, 68.0])]
+    result = parity.summarize(runs, tmp_path / "out")
+    # fastssl's last epoch: mean of 80, 81, 82 = 81; independent 81; the initial weights 67
+    assert result["knn_init"] == {"per_seed": [66.0, 67.0, 68.0], "mean": 67.0,
+                                  "gain_at_end": {"fastssl": 14.0, "independent": 14.0}}
+    assert "gain at epoch 2: fastssl +14.00, independent +14.00 points" in capsys.readouterr().out
 
 
 def test_summarize_refuses_mixed_settings_repeated_seeds_and_missing_sides(tmp_path):
@@ -252,24 +477,56 @@ def test_summarize_refuses_runs_whose_independent_loss_precision_differs(tmp_pat
     b = _fake_run(tmp_path / "b", 1, [75.0], [77.0], changed={"independent": {"fp32_loss": False}})
     assert parity.summarize([a, b], tmp_path / "out")["seeds"] == [0, 1]
     c = _fake_run(tmp_path / "c", 2, [75.0], [77.0], changed={"independent": {"fp32_loss": True}})
-    with pytest.raises(SystemExit, match="fp32_loss differs"):
+    with pytest.raises(SystemExit, match="loss_precision differs"):
         parity.summarize([a, c], tmp_path / "out")
+    # today's default record (fp32 loss) goes with the old --indep-fp32-loss BYOL records, not with the bf16 ones
+    d = _fake_run(tmp_path / "d", 3, [75.0], [77.0],
+                  changed={"independent": {"batchnorm": "per view", "loss_precision": "fp32"}})
+    assert parity.summarize([c, d], tmp_path / "out")["seeds"] == [2, 3]
+    with pytest.raises(SystemExit, match=r"loss_precision differs .*\(fp32 against bf16\)"):
+        parity.summarize([a, d], tmp_path / "out")
 
 
-def test_the_independent_fp32_loss_option_changes_only_the_loss_precision():
-    """--indep-fp32-loss: under bf16 autocast the BYOL loss of the same weights and views moves from the bf16
-    value towards the fp32 one (fastssl's loss upcasts the heads' outputs)."""
+@pytest.mark.parametrize("method", ["byol", "simclr"])
+def test_the_independent_loss_takes_fp32_by_default_and_bf16_only_when_asked(method):
+    """The default: under bf16 autocast the loss of the same weights and views is the fp32 loss of the heads'
+    outputs (as fastssl's losses upcast them); ``loss_fp32 = False`` (--indep-bf16-loss, the records from before the
+    default) moves it away towards the bf16 value."""
     torch.manual_seed(0)
-    s = parity.SETTINGS["byol"]()
+    s = parity.SETTINGS[method]()
     model = parity.build_independent(s).eval()
+    assert model.loss_fp32
     views = [torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)]
     with torch.no_grad():
         exact = model.loss(views).item()
         with torch.autocast("cpu", dtype=torch.bfloat16):
+            default = model.loss(views)
+            model.loss_fp32 = False
             low = model.loss(views).float().item()
-            model.loss_fp32 = True
-            high = model.loss(views).float().item()
-    assert abs(high - exact) < abs(low - exact)
+    assert default.dtype == torch.float32
+    assert abs(default.item() - exact) < abs(low - exact)
+
+
+def test_bf16_loss_option_is_refused_where_no_old_record_needs_it(tmp_path, capsys):
+    for argv in (["--method", "mocov3", "--indep-bf16-loss"], ["--method", "byol", "--indep-bf16-loss",
+                                                                "--indep-fp32-loss"]):
+        with pytest.raises(SystemExit):
+            parity.main([*argv, "--out", str(tmp_path / "out")])
+        assert "--indep-bf16-loss recreates the BYOL / SimCLR records" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_summarize_refuses_runs_whose_independent_batchnorm_differs(tmp_path):
+    """Records from before the ``batchnorm`` key forwarded every view on its own: an old BYOL record goes with a
+    new one ("per view"), an old SimCLR record not with one whose BN spans both views."""
+    old = _fake_run(tmp_path / "old", 0, [76.0], [75.0])  # BYOL, bf16 loss (before --indep-fp32-loss)
+    bf16 = {"batchnorm": "per view", "loss_precision": "bf16"}  # a run with --indep-bf16-loss today
+    new_byol = _fake_run(tmp_path / "new", 1, [75.0], [77.0], changed={"independent": bf16})
+    assert parity.summarize([old, new_byol], tmp_path / "out")["seeds"] == [0, 1]
+    both = _fake_run(tmp_path / "both", 2, [75.0], [77.0],
+                     changed={"independent": {**bf16, "batchnorm": "over both views"}})
+    with pytest.raises(SystemExit, match="batchnorm differs"):
+        parity.summarize([old, both], tmp_path / "out")
 
 
 def test_summarize_refuses_another_method_before_writing_anything(tmp_path):

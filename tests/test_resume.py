@@ -66,7 +66,23 @@ class FlakyBYOL(BYOL):
             os._exit(1)
 
 
-TEST_METHODS = {"flaky_byol": f"{__name__}:FlakyBYOL"}
+class StallingBYOL(FlakyBYOL):
+    """FlakyBYOL that waits at the start of step FASTSSL_TEST_STALL_AT (1-based, this process's count; an
+    environment variable, so the config stays that of an uninterrupted run) until a stop signal has reached the
+    process, at most 240 s; not in a requeued SLURM job's later runs (SLURM_RESTART_COUNT set). A run is thus
+    surely alive, and mid-step, when a test acts on it (a scheduler's signal, a second run, a killed worker)."""
+
+    def forward(self, views):
+        stall_at = int(os.environ.get("FASTSSL_TEST_STALL_AT", "0"))
+        if self.calls + 1 == stall_at and not os.environ.get("SLURM_RESTART_COUNT"):  # FlakyBYOL counts calls
+            stop = getattr(signal.getsignal(signal.SIGUSR1), "__self__", None)  # the trainer's StopSignals
+            deadline = time.monotonic() + 240
+            while stop is not None and stop.signum is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return super().forward(views)
+
+
+TEST_METHODS = {"flaky_byol": f"{__name__}:FlakyBYOL", "stalling_byol": f"{__name__}:StallingBYOL"}
 
 
 @pytest.fixture

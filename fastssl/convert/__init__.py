@@ -5,6 +5,7 @@
                             [--formats wds,ffcv [--ffcv-max-side 512] [--ffcv-quality 90]]
                             [--max-pixels N] [--verify]
     fastssl-convert --verify DST
+    fastssl-convert SRC DST --add-names
 
 SRC is an ImageFolder tree (one folder per class; optional ``train/`` and ``val/`` sub-splits) or the
 name ``fashion-mnist``. Every sample becomes a JPEG: a JPEG that already fits ``--max-side`` is stored
@@ -36,6 +37,11 @@ hidden temp name and renamed when complete. FFCV's writer places images on pages
 worker processes finish them, so with ``--workers`` > 1 a .beton's bytes (not its images) can differ
 between runs; the manifest records each file's size and sha256.
 
+Each image's source name (its path under SRC, or ``train/123`` for Fashion-MNIST) is kept beside the
+shards (``<split>.names.json.gz``, see ``pipelines.formats``): the ImageNet 1 % / 10 % label lists select
+images by file name. ``--add-names`` adds them to a dataset converted before they were kept, from the same
+SRC, without re-encoding an image (checked against the stored labels first).
+
 The package follows the conversion's stages; each file holds one:
 
     find.py     finding the images (ImageFolder scan, Fashion-MNIST files) and planning each split's order
@@ -44,6 +50,7 @@ The package follows the conversion's stages; each file holds one:
     resume.py   the progress journal of an unfinished conversion and the fingerprint a rerun must match
     report.py   the summary printed at the end
     verify.py   ``--verify``: rereading a converted dataset against its manifest
+    names.py    ``--add-names``: the source names of a dataset converted before they were kept
     run.py      ``convert()``: the stages in order, then the manifest
     cli.py      ``fastssl-convert`` (``main``)
 """

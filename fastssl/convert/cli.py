@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from fastssl.convert.errors import ConvertError
 from fastssl.convert.find import FASHION_MNIST, FASHION_MNIST_DIR
 from fastssl.convert.image import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, DEFAULT_QUALITY
+from fastssl.convert.names import add_names
 from fastssl.convert.report import PROG, format_summary
 from fastssl.convert.run import convert, default_workers
 from fastssl.convert.verify import verify
@@ -102,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="`--verify DST`: reread every shard and .beton and check counts and sha256 against the manifest "
         "(exit 1 naming the bad file); with SRC DST: convert, then verify",
     )
+    p.add_argument(
+        "--add-names",
+        action="store_true",
+        help="`SRC DST --add-names`: DST was converted (from SRC) before fastssl-convert kept each image's source "
+        "name: write the names beside its shards, without re-encoding (checked against SRC first)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -113,6 +120,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dst is None and not args.verify:
         parser.error("the following arguments are required: DST")
     t0 = time.perf_counter()
+    if args.add_names:
+        if args.dst is None:
+            parser.error("--add-names needs SRC and DST: the source the dataset was converted from, and the dataset")
+        try:
+            counts = add_names(args.src, args.dst)
+        except ConvertError as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return e.exit_code
+        listed = ", ".join(f"{n} {split}" for split, n in counts.items())
+        print(f"{PROG}: {args.dst} lists the source names of its images ({listed}); no image was re-encoded")
+        return 0
     if args.dst is None:  # --verify DST
         try:
             checked = verify(args.src)

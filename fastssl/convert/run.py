@@ -10,7 +10,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from fastssl.convert.errors import ConvertError, OutputError, output_error
-from fastssl.convert.find import FASHION_MNIST, parse_limits, plan_fashion_mnist, plan_imagefolder
+from fastssl.convert.find import FASHION_MNIST, SplitPlan, parse_limits, plan_fashion_mnist, plan_imagefolder
 from fastssl.convert.image import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, DEFAULT_QUALITY
 from fastssl.convert.report import PROG
 from fastssl.convert.resume import Journal, source_fingerprint
@@ -26,7 +26,14 @@ from fastssl.convert.write import (
     prepare_dst,
     remove_stale_outputs,
 )
-from pipelines.formats import FORMAT_NAME, FORMAT_VERSION, DatasetFormatError, beton_name, write_manifest
+from pipelines.formats import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    DatasetFormatError,
+    beton_name,
+    write_manifest,
+    write_names,
+)
 
 
 def default_workers() -> int:
@@ -107,10 +114,27 @@ def convert(
         raise output_error(e, dst) from e
 
 
+def stored_positions(plan: SplitPlan, skipped: list[dict]) -> list[int]:
+    """Positions in ``plan`` of the samples the shards hold, in stored order: the plan less the files skipped
+    (``skipped``: the split's ``{"path": name, ...}`` entries)."""
+    gone = {item["path"] for item in skipped}
+    return [i for i, name in enumerate(plan.names) if name not in gone]
+
+
+def stored_names(plan: SplitPlan, skipped: list[dict], count: int) -> list[str]:
+    """The source names of ``plan``'s stored samples, in stored order; ``count`` samples were stored."""
+    names = [plan.names[i] for i in stored_positions(plan, skipped)]
+    if len(names) != count:  # the shards hold the plan's samples in order, less the skipped ones
+        raise ConvertError(f"{plan.name}: {count} samples stored but {len(names)} names planned; rerun with "
+                           "--overwrite")
+    return names
+
+
 def _convert_planned(source, src, dst, journal, settings, workers, progress, write_betons, ffcv_max_side,
                      ffcv_quality) -> dict:  # fmt: skip
 
     splits: dict[str, dict] = {}
+    names: dict[str, list[str]] = {}  # split -> source name of each stored sample
     skipped: list[dict] = []
     first_key = 0
     pool = ProcessPoolExecutor(workers, initializer=ignore_sigint) if workers > 1 else None
@@ -135,6 +159,7 @@ def _convert_planned(source, src, dst, journal, settings, workers, progress, wri
             first_key += split_manifest["count"]  # keys stay unique across splits
             if split_manifest["count"]:
                 splits[plan.name] = split_manifest
+                names[plan.name] = stored_names(plan, split_skipped, split_manifest["count"])
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -146,6 +171,8 @@ def _convert_planned(source, src, dst, journal, settings, workers, progress, wri
         )
     written = {shard["name"] for s in splits.values() for shard in s["shards"]}
     written |= {str(Path(name).with_suffix(".idx")) for name in written}
+    names_entries = {split: write_names(dst, split, split_names) for split, split_names in names.items()}
+    written |= {entry["name"] for entry in names_entries.values()}
     ffcv = None
     if write_betons is not None:
         if progress:
@@ -163,6 +190,7 @@ def _convert_planned(source, src, dst, journal, settings, workers, progress, wri
         "source": source.info,
         "settings": settings,
         "skipped": source.problems + skipped,
+        "names": names_entries,
     }
     if ffcv is not None:
         manifest["ffcv"] = ffcv

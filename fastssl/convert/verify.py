@@ -13,8 +13,8 @@ def verify(dst: str | os.PathLike) -> list[str]:
     """Reread every shard, index and .beton of the converted dataset in ``dst`` against its manifest.
 
     Checks each file's size and sha256, each shard's sample count and labels (by decoding the tar), each
-    DALI index's count and the per-split totals. Returns the names of the files checked; raises
-    VerifyError naming the first bad file.
+    DALI index's count, the per-split totals and the count of each split's source names. Returns the names of
+    the files checked; raises VerifyError naming the first bad file.
     """
     dst = Path(dst)
     try:
@@ -57,6 +57,13 @@ def verify(dst: str | os.PathLike) -> list[str]:
             total += len(labels)
         if total != s["count"]:
             raise VerifyError(f"{dst / MANIFEST}: {split}: shards hold {total} samples, count says {s['count']}")
+    for split, entry in manifest.get("names", {}).items():
+        path = dst / entry["name"]
+        check_file(path, entry)
+        if entry.get("count") != manifest["splits"].get(split, {}).get("count"):
+            raise VerifyError(f"{path}: {entry.get('count')} names, the {split} shards hold "
+                              f"{manifest['splits'].get(split, {}).get('count')} samples")
+        checked.append(path.name)
     for split, entry in manifest.get("ffcv", {}).get("files", {}).items():
         path = dst / entry["name"]
         check_file(path, entry)

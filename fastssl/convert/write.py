@@ -17,7 +17,7 @@ from fastssl.convert.errors import ConvertError, output_error
 from fastssl.convert.find import SplitPlan
 from fastssl.convert.image import KEPT, REENCODED, RESIZED, Result
 from fastssl.convert.resume import JOURNAL, Journal
-from pipelines.formats import MANIFEST, SPLITS, ShardWriter
+from pipelines.formats import MANIFEST, NAMES_SUFFIX, SPLITS, ShardWriter
 from pipelines.progress import progress_bar
 
 DEFAULT_SHARD_SIZE = 10_000  # Fashion-MNIST: 6 train shards + 1 val shard, enough to spread over ranks
@@ -29,10 +29,9 @@ FFCV_INSTALL = "pip install -e '.[ffcv]' (with the apt packages pkg-config libtu
 
 # Files this tool writes into DST; anything else there is left alone.
 _SPLIT_ALTERNATIVES = "|".join(SPLITS)
-_OUTPUT_FILE = re.compile(rf"(?:{_SPLIT_ALTERNATIVES})(?:-\d{{5}}\.(?:tar|idx)|\.beton)")
-_OUTPUT_TEMP = re.compile(
-    rf"\.(?:(?:{_SPLIT_ALTERNATIVES})(?:-\d{{5}}\.(?:tar|idx)|\.beton)|{re.escape(JOURNAL)})\..*tmp"
-)
+_OUTPUTS = rf"(?:{_SPLIT_ALTERNATIVES})(?:-\d{{5}}\.(?:tar|idx)|\.beton|{re.escape(NAMES_SUFFIX)})"
+_OUTPUT_FILE = re.compile(_OUTPUTS)
+_OUTPUT_TEMP = re.compile(rf"\.(?:{_OUTPUTS}|{re.escape(JOURNAL)})\..*tmp")
 
 
 def _ordered_results(

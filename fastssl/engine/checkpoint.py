@@ -15,10 +15,15 @@ file is pruned). ``torch.load`` does not check the CRC-32 that the zip format re
 (a flipped byte inside a tensor loads silently), so :func:`load_checkpoint` checks them first; a
 truncated or corrupt file is refused with an error naming it, and ``resume=auto`` moves on to the next
 newest (:meth:`CheckpointDir.newest_valid`).
+
+A checkpoint that does not fit on its disk raises :class:`CheckpointDiskFull` (path, bytes needed, bytes free,
+the last good checkpoint), and the temp file goes; once a checkpoint's size is known, a save that leaves less
+room than one more checkpoint warns, a whole checkpoint interval before the disk runs out.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -30,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines import progress
 from pipelines.formats import atomic_writer
 
 STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
@@ -75,6 +81,62 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", verify: bool = 
         raise ValueError(f"{path}: cannot be read as a fastssl checkpoint ({type(e).__name__}: {e})") from e
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class CheckpointDiskFull(RuntimeError):
+    """A checkpoint did not fit on its disk; the message says how much it needs, what is free, and which
+    checkpoint to resume from (nothing was lost: the temp file is gone, the earlier checkpoints are whole)."""
+
+    exit_status = 4  # of fastssl/train.py
+
+    def __init__(self, path: Path, needed: int, free: int, last_good: Path | None):
+        self.path, self.needed, self.free, self.last_good = path, needed, free, last_good
+        room = f"free {needed - free} bytes or more" if needed > free else \
+            "free space (the write failed though the space looks enough: a quota, or no inodes left?)"
+        resume = (f"the last good checkpoint is {last_good}; {room} (or move out_dir, or lower "
+                  f"train.keep_checkpoints), then run the same command again: resume=auto continues from it"
+                  ) if last_good is not None else f"no earlier checkpoint exists; {room} and start again"
+        super().__init__(f"the disk is full: checkpoint {path} needs {needed} bytes, {free} bytes are free on its "
+                         f"file system; {resume}")
+
+    def __reduce__(self):  # raised again on the other ranks (broadcast)
+        return type(self), (self.path, self.needed, self.free, self.last_good)
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """ENOSPC / EDQUOT anywhere in the chain: torch.save turns the file's OSError into a RuntimeError of its own
+    ("unexpected pos ...") with the OSError as its context."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _DISK_FULL:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class _ByteCounter:
+    """A file-like sink that only counts: the exact size of ``torch.save(state)`` without a disk."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def serialized_size(state: dict) -> int:
+    """Bytes ``torch.save(state)`` writes (one serialization into a counter)."""
+    counter = _ByteCounter()
+    torch.save(state, counter)
+    return counter.size
+
+
 class CheckpointDir:
     """The ``step-XXXXXX.pt`` files of one run, ``last.pt``, and which ones to keep.
 
@@ -85,6 +147,7 @@ class CheckpointDir:
         if keep < 1:
             raise ValueError(f"keep={keep}: must be >= 1")
         self.folder, self.keep = Path(folder), int(keep)
+        self._space_warned = False
 
     @property
     def last(self) -> Path:
@@ -107,7 +170,14 @@ class CheckpointDir:
         ``newest_valid`` skipped as corrupt) are deleted, so the newest step file is always this one.
         """
         path = self.path_for(step)
-        save_checkpoint(state, path)
+        try:
+            save_checkpoint(state, path)
+        except Exception as e:
+            if not _is_disk_full(e):
+                raise
+            files = [p for s, p in self.step_files() if p != path]
+            raise CheckpointDiskFull(path, serialized_size(state), shutil.disk_usage(self.folder).free,
+                                     files[0] if files else None) from None
         self._link_last(path)
         files = self.step_files()
         later = [p for s, p in files if s > step]
@@ -116,7 +186,30 @@ class CheckpointDir:
         for p in later + [p for s, p in files if s <= step][self.keep:]:
             p.unlink(missing_ok=True)
         fsync_dir(self.folder)
+        self.warn_if_next_will_not_fit()
         return path
+
+    def space_warning(self) -> str | None:
+        """A warning when the free space of the folder's file system is less than the newest checkpoint's size,
+        which the next save needs (it writes before it prunes); None when there is room or nothing to measure."""
+        files = self.step_files()
+        if not files:
+            return None
+        size = files[0][1].stat().st_size
+        free = shutil.disk_usage(self.folder).free
+        if free >= size:
+            return None
+        return (f"warning: {self.folder}: {free} bytes free, and a checkpoint takes {size} bytes (the size of "
+                f"{files[0][1].name}): the next checkpoint will not fit. Free space now (or move out_dir, or lower "
+                f"train.keep_checkpoints); the run goes on, and if the disk is still full at the next checkpoint it "
+                f"stops there, {files[0][1].name} intact")
+
+    def warn_if_next_will_not_fit(self) -> None:
+        """Print ``space_warning`` once, and again only after the disk had room in between."""
+        message = self.space_warning()
+        if message is not None and not self._space_warned:
+            progress.write(message)
+        self._space_warned = message is not None
 
     def _link_last(self, path: Path) -> None:
         tmp = self.folder / f".{LAST}.{os.getpid()}.tmp"

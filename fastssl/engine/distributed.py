@@ -1,5 +1,6 @@
 """torchrun integration: process group from the environment (NCCL on CUDA, gloo on CPU), the small
-collectives the trainer agrees through, and the stop signals (SIGTERM, SIGINT) every rank acts on together."""
+collectives the trainer agrees through, and the stop signals (SIGTERM, SIGINT, SIGUSR1) every rank acts on together.
+Under srun without torchrun, the ranks come from SLURM's variables (engine/slurm_job.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from fastssl.engine import slurm_job
 
 
 @dataclass(frozen=True)
@@ -32,15 +35,19 @@ class DistInfo:
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group torchrun describes in the environment (a single process without it).
 
-    device: ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``.
+    device: ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``. A task that srun started, without
+    torchrun's variables, gets them from SLURM's first (``slurm_job.rank_env``).
     """
+    slurm_job.export_rank_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        # A cluster that binds one GPU per task shows each task only its own: device 0 for every local rank.
+        index = local_rank % max(torch.cuda.device_count(), 1)
+        torch.cuda.set_device(index)
+        dev = torch.device("cuda", index)
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
@@ -86,6 +93,16 @@ def wait_for_main() -> None:
         dist.barrier(group=_wait_group)
 
 
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank, sent after work rank 0 did alone (see ``main_wait_timeout``): a barrier
+    that also carries its outcome, such as a checkpoint that did not fit."""
+    if not _initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_wait_group)
+    return box[0]
+
+
 def shutdown() -> None:
     global _wait_group
     if dist.is_available() and dist.is_initialized():
@@ -124,8 +141,8 @@ def max_across_ranks(values: torch.Tensor) -> list[float]:
 
 
 class StopSignals:
-    """SIGTERM / SIGINT -> a request to stop after the current step; the trainer all-reduces ``signum`` so
-    every rank stops at the same step, saves, and exits.
+    """SIGTERM / SIGINT / SIGUSR1 (SLURM's usual warning before the time limit) -> a request to stop after the
+    current step; the trainer all-reduces ``signum`` so every rank stops at the same step, saves, and exits.
 
     A second signal exits at once (status 128 + signal number), without a checkpoint. A repeat of the same
     signal within ``repeat_window_s`` of the first counts as the same request: a scheduler (scancel, a
@@ -133,11 +150,12 @@ class StopSignals:
     Handlers are only installed from the main thread (Python's rule); ``restore()`` puts the previous ones back.
 
     Once the checkpoint is written, ``finish(message)`` keeps the handlers until the process ends: a signal that
-    arrives while it exits (torchrun sends SIGTERM to every worker as soon as one has exited) then ends it at
-    once with the same status (128 + the first signal), printing ``message`` if ``report()`` has not yet.
+    arrives while it exits (torchrun sends SIGTERM to every worker as soon as one has exited; SLURM signals a job
+    it requeues) then ends it at once with the stop's status (128 + the first signal, or ``exit_status``),
+    printing ``message`` if ``report()`` has not yet.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def __init__(self, announce: bool = True, repeat_window_s: float = 1.0):
         self.signum: int | None = None
@@ -147,6 +165,7 @@ class StopSignals:
         self._previous: dict[int, Any] = {}
         self._finished = False
         self._message = ""
+        self._exit_status: int | None = None
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -159,9 +178,10 @@ class StopSignals:
             signal.signal(sig, handler)
         self._previous.clear()
 
-    def finish(self, message: str = "") -> None:
-        """The stop is done (checkpoint written): from now on any signal exits with status 128 + ``signum``."""
-        self._message, self._finished = message, True
+    def finish(self, message: str = "", exit_status: int | None = None) -> None:
+        """The stop is done (checkpoint written): from now on any signal exits with ``exit_status`` (default
+        128 + ``signum``)."""
+        self._message, self._finished, self._exit_status = message, True, exit_status
 
     @property
     def finished(self) -> bool:
@@ -188,7 +208,7 @@ class StopSignals:
     def _handle(self, signum: int, frame) -> None:
         if self._finished:
             self.report()
-            os._exit(128 + (self.signum or signum))
+            os._exit(self._exit_status if self._exit_status is not None else 128 + (self.signum or signum))
         now = time.monotonic()
         if self.signum is None:
             self.signum, self._first_at = signum, now

@@ -9,7 +9,7 @@ channels-last was the faster one (BENCHMARKS.md, "Memory format and compile"). S
   precision, in both layouts, alternating, median of a few steps. The answer is cached per (CPU model, torch
   version, threads, model, views, batch, precision) in ``~/.cache/fastssl/memory_format.json``
   (``$FASTSSL_CACHE_DIR`` overrides the folder), so later runs decide instantly. Rank 0 measures, the other ranks
-  take its answer.
+  take its answer (a measurement runs on every rank together: a method's forward may need all of them).
 
 The run's own model, loader, RNG streams and BatchNorm statistics are not touched by the measurement.
 """
@@ -94,40 +94,40 @@ def measure(method: nn.Module, view_sizes: list[int], batch: int, amp_dtype: tor
 
 def choose_channels_last(setting: object, method: nn.Module, view_sizes: list[int], batch: int,
                          amp_dtype: torch.dtype | None, device: torch.device, describe: dict,
-                         is_main: bool = True, measure_fn: Callable[..., dict[str, float]] = measure) -> bool:
+                         is_main: bool = True, measure_fn: Callable[..., dict[str, float]] | None = None) -> bool:
     """Whether the run's model (and so its views) is channels-last. ``setting``: True, False or "auto" (module
     docstring). ``describe``: what identifies the model for the cache (backbone, width, method...). Collective
-    under torchrun: every rank calls it, rank 0 decides."""
+    under torchrun: every rank calls it, rank 0 decides. ``measure_fn``: ``measure`` unless given (tests)."""
     if setting != AUTO:
         return bool(setting)
     if device.type != "cpu":
         return True
-    decision = None
-    if is_main:
-        key = json.dumps({"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                          "views": view_sizes, "batch": batch, "precision": str(amp_dtype), **describe},
-                         sort_keys=True)
-        path = cache_dir() / "memory_format.json"
-        known = _read_json(path)
-        if key in known:
-            decision = known[key]
-        else:
+    key = json.dumps({"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                      "views": view_sizes, "batch": batch, "precision": str(amp_dtype), **describe}, sort_keys=True)
+    path = cache_dir() / "memory_format.json"
+    # Rank 0's cache decides; a measurement runs on every rank at once, because a method's forward may hold
+    # collectives (gathered keys, Shuffle-BN) that need every rank; rank 0's timings decide.
+    decision = distributed.broadcast_object(_read_json(path).get(key) if is_main else None)
+    if decision is None:
+        if is_main:
             progress.write("train.channels_last=auto: timing the model channels-last and NCHW on this CPU "
                            "(once per model and CPU; cached)...")
-            ms = {k: 1000 * v for k, v in measure_fn(method, view_sizes, batch, amp_dtype, device).items()}
-            decision = {"channels_last": ms["channels_last"] <= ms["contiguous"], "ms": ms}
+        ms = {k: 1000 * v for k, v in (measure_fn or measure)(method, view_sizes, batch, amp_dtype, device).items()}
+        decision = distributed.broadcast_object({"channels_last": ms["channels_last"] <= ms["contiguous"], "ms": ms})
+        if is_main:
+            known = _read_json(path)
             known[key] = decision
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_bytes(path, (json.dumps(known, indent=1) + "\n").encode())
             except OSError as exc:  # a read-only home: decide again next time
                 progress.write(f"warning: could not cache the memory-format choice in {path}: {exc}")
+    if is_main:
         ms = decision["ms"]
         chosen = "channels-last" if decision["channels_last"] else "NCHW (contiguous)"
         progress.write(f"memory format: {chosen} (forward + backward on {cpu_model()}: channels-last "
                        f"{ms['channels_last']:.0f} ms, NCHW {ms['contiguous']:.0f} ms; train.channels_last="
                        "true|false overrides)")
-    decision = distributed.broadcast_object(decision)
     return bool(decision["channels_last"])
 
 

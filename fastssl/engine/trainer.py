@@ -10,7 +10,6 @@ import os
 import random
 import signal
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +20,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import pipelines
 from fastssl.config import ConfigError, build_spec, refused_changes_message, resume_changes, validate
-from fastssl.engine import compiled, determinism, distributed, layout
-from fastssl.engine.checkpoint import CheckpointDir, load_checkpoint, rng_state, set_rng_state
+from fastssl.engine import compiled, determinism, distributed, launch, layout, slurm_job
+from fastssl.engine.checkpoint import CheckpointDir, CheckpointDiskFull, load_checkpoint, rng_state, set_rng_state
 from fastssl.engine.knn import extract_features, knn_top1
 from fastssl.engine.monitor import DataWaitMonitor, open_wandb
 from fastssl.engine.probes import OnlineLinearProbe
+from fastssl.engine.run_folder import RunFolderBusy, RunFolderLock, hold_run_folder
 from fastssl.methods import build_method
 from fastssl.models import build_backbone
 from fastssl.models.norm import sync_batchnorm
@@ -55,6 +55,7 @@ class Trainer:
         self.checkpoints = CheckpointDir(self.out_dir / "checkpoints", cfg.train.keep_checkpoints)
         self.ckpt_path = self.checkpoints.last  # a second name of the newest step-XXXXXX.pt
         self.stop_signals = distributed.StopSignals(announce=self.dist.is_main)
+        self.run_lock: RunFolderLock | None = None  # rank 0's hold on out_dir while fit() runs
         self.bad_steps = {"in_row": 0, "total": 0}  # non-finite losses or gradients: those updates were skipped
         self._skipped = ""  # why the last step's update was skipped: "nonfinite_loss", "nonfinite_grad" or ""
         self._bad_samples_seen = 0  # entries of loader.bad_samples already reported
@@ -109,12 +110,8 @@ class Trainer:
         self.method = method
         self.model = DDP(method, device_ids=[d.local_rank] if self.device.type == "cuda" else None,
                          **_no_forward_buffer_sync()) if d.world_size > 1 else method
-        self._eager_model, self._compile_pending = self.model, False
-        if compiled.wanted(cfg.train.compile, self.device):
-            fast = compiled.compile_model(self.model, cfg.train.compile_mode, self.device)
-            if fast is not None:
-                self.model, self._compile_pending = fast, True
-        self._graphs_logged = 0
+        self.train_forward = compiled.TrainingForward(self.model, cfg.train.compile, cfg.train.compile_mode,
+                                                      self.device, announce=d.is_main)
         o = cfg.optim
         self.peak_lr = scaled_lr(o.base_lr, cfg.train.batch_size)
         self.optimizer = build_optimizer(o, method.param_groups(o.weight_decay), self.peak_lr)
@@ -172,16 +169,32 @@ class Trainer:
         }
 
     def save(self) -> None:
-        """Checkpoint this step (once per step): rank 0 writes, with every rank's RNG states; all ranks wait."""
+        """Checkpoint this step (once per step): rank 0 writes, with every rank's RNG states; all ranks wait, and
+        all raise CheckpointDiskFull when it did not fit."""
         if self.step == self._saved_step:
             return
         rngs = distributed.all_gather_objects(rng_state())
+        full = None
         if self.dist.is_main:
             state = self.state_dict()
             state["rng"] = rngs
-            self.checkpoints.save(state, self.step)
+            try:
+                self.checkpoints.save(state, self.step)
+            except CheckpointDiskFull as e:
+                full = e
         self._saved_step = self.step
-        distributed.wait_for_main()
+        full = distributed.broadcast_from_main(full)
+        if full is not None:
+            raise self._fail_together(full)
+
+    def _fail_together(self, error: RunFolderBusy | CheckpointDiskFull) -> Exception:
+        """An error every rank raises at once (rank 0's outcome, broadcast): its one line is printed once (rank 0),
+        and a signal that reaches a rank while it exits (torchrun and srun stop the others as soon as one rank
+        has exited) ends it with the error's own status, not -SIGTERM. train.py prints through ``error.signals``."""
+        line = f"fastssl/train.py: error: {error}\n" if self.dist.is_main else ""
+        self.stop_signals.finish(line, error.exit_status)
+        error.signals = self.stop_signals
+        return error
 
     def _find_checkpoint(self) -> tuple[str, dict] | None:
         """The checkpoint ``cfg.resume`` names, loaded, or None: ``auto`` = the newest valid one of out_dir (rank 0
@@ -261,7 +274,7 @@ class Trainer:
         if self._norm_buffers:
             torch._foreach_copy_(self._norm_snapshot, self._norm_buffers)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            loss, logs = self._forward(views)
+            loss, logs = self.train_forward(views, restore=self._restore_norm_buffers)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         # One all-reduce a step, so that every rank decides alike: skip this update (some rank's loss, or the
@@ -285,8 +298,7 @@ class Trainer:
         if self._skipped:
             # No update at all: optimizer, GradScaler, EMA/momentum untouched, and the normalization layers'
             # running statistics, which this forward changed, put back.
-            if self._norm_buffers:
-                torch._foreach_copy_(self._norm_buffers, self._norm_snapshot)
+            self._restore_norm_buffers()
             return loss, logs
         self.method.on_before_optimizer_step(self.step)
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
@@ -299,43 +311,40 @@ class Trainer:
             self.method.on_step_end(self.step, self.total_steps)
         return loss, logs
 
-    def _forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        """The model's forward; the first call of a compiled model compiles it, with a line before and after (or,
-        where the compiler fails, one warning and the eager model from then on)."""
-        if not self._compile_pending:
-            return self.model(views)
-        self._compile_pending = False
-        main = self.dist.is_main
-        if main:
-            progress.write(f"train.compile: compiling the training step (mode {self.cfg.train.compile_mode}; the "
-                           f"first run of a model on a machine takes a minute or more, later ones load it from "
-                           f"{os.environ.get('TORCHINDUCTOR_CACHE_DIR')})...")
-        t0 = time.perf_counter()
-        try:
-            out = self.model(views)
-        except Exception as exc:  # noqa: BLE001 - the compiler fails in many ways (missing headers, a lowering)
-            if self._norm_buffers:  # the failed call may have moved BatchNorm statistics
-                torch._foreach_copy_(self._norm_buffers, self._norm_snapshot)
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            warnings.warn(f"train.compile: compiling failed ({type(exc).__name__}: {first}); training eagerly",
-                          RuntimeWarning, stacklevel=2)
-            self.model = self._eager_model
-            return self.model(views)
-        self._graphs_logged = compiled.graphs()
-        if main:
-            progress.write(f"train.compile: compiled in {time.perf_counter() - t0:.1f} s "
-                           f"({self._graphs_logged} graph(s))")
-        return out
+    def _restore_norm_buffers(self) -> None:
+        """The normalization layers' running statistics as they were before this step's forward."""
+        if self._norm_buffers:
+            torch._foreach_copy_(self._norm_buffers, self._norm_snapshot)
 
     def fit(self) -> dict:
-        """Train to the end (or ``train.max_steps``), checkpointing each epoch, then the kNN evaluation."""
-        check_dataset(self.cfg, self.dist.world_size)  # before the loader reads an image or the run folder exists
+        """Train to the end (or ``train.max_steps``), checkpointing each epoch, then the kNN evaluation; the run
+        folder is held meanwhile (a second run on it is refused: RunFolderBusy)."""
+        # From the start: a stop signal that comes during the setup (SLURM's time-limit warning included, whose
+        # default action would kill the process) stops the run after its first step.
+        self.stop_signals.install()
+        try:
+            check_dataset(self.cfg, self.dist.world_size)  # before the loader reads an image or the folder exists
+            wait = self.cfg.slurm.lock_wait_s if slurm_job.is_requeue() else 0.0  # the old job may be exiting
+            try:
+                self.run_lock = hold_run_folder(self.out_dir, is_main=self.dist.is_main, wait_s=wait,
+                                                agree=distributed.broadcast_from_main, say=progress.write)
+            except RunFolderBusy as e:
+                raise self._fail_together(e) from None
+            return self._fit()
+        finally:
+            if not self.stop_signals.finished:
+                self.stop_signals.restore()
+            if self.run_lock is not None:
+                self.run_lock.release()
+
+    def _fit(self) -> dict:
         found = self._find_checkpoint()
         self._setup()
         resumed = self._resume(found)
         cfg, main = self.cfg, self.dist.is_main
         if resumed and main:  # rows the lost steps wrote after this checkpoint are written again from here
             trim_metrics(self.out_dir / "metrics.jsonl", self.resumed_step)
+            self.checkpoints.warn_if_next_will_not_fit()
         results: dict = {}
         if cfg.eval.knn and cfg.eval.knn_init:
             # The same seed rebuilds the exact initial weights, so this baseline holds after a resume too; the
@@ -354,7 +363,6 @@ class Trainer:
         window = {"n": 0, "time": 0.0, "wait": 0.0}
         loss = None
         self.method.on_train_start(self.steps_per_epoch, self.total_steps)
-        self.stop_signals.install()
         try:
             while self.step < self.stop_step and not self._stop_signum:
                 if self.batch_in_epoch == 0:
@@ -413,11 +421,7 @@ class Trainer:
                 self.save()
             if self._stop_signum:
                 self.save()
-                stopped = TrainingInterrupted(self._stop_signum, self.step, self.checkpoints.path_for(self.step),
-                                              self.stop_signals)
-                # Keep the handlers to the end: a peer's exit makes torchrun signal this rank while it exits.
-                self.stop_signals.finish(f"fastssl/train.py: {stopped}\n" if main else "")
-                raise stopped
+                raise self._stopped()
         finally:
             if not self.stop_signals.finished:
                 self.stop_signals.restore()
@@ -442,6 +446,25 @@ class Trainer:
                 knn.update(k=cfg.eval.knn_k, t=cfg.eval.knn_t, step=self.step)
                 atomic_write_bytes(self.out_dir / "knn.json", (json.dumps(knn, indent=2) + "\n").encode())
         return results
+
+    def _stopped(self) -> TrainingInterrupted:
+        """After a stop's checkpoint: what a SLURM job does next (rank 0 decides, every rank learns it; see
+        engine/slurm_job.py), the stop's message and exit status, and the signal handlers kept to the end: a
+        peer's exit makes torchrun signal this rank while it exits, and SLURM signals a job it requeues."""
+        signum, main = self._stop_signum, self.dist.is_main
+        resubmit = launch.resume_command() if main else ""
+        outcome = slurm_job.stop_outcome(signum, self.cfg.slurm.max_requeues, resubmit) if main else None
+        outcome = distributed.broadcast_from_main(outcome)
+        path = self.checkpoints.path_for(self.step)
+        stopped = TrainingInterrupted(signum, self.step, path, self.stop_signals, outcome.note, outcome.status)
+        self.stop_signals.finish(f"fastssl/train.py: {stopped}\n" if main else "", stopped.exit_code)
+        if outcome.requeue:
+            distributed.wait_for_main()  # every rank knows its exit status before the requeue signals them
+            done = slurm_job.requeue(outcome, signum, resubmit) if main else outcome
+            if done is not outcome:  # scontrol refused: say why, and exit as a stop without a requeue
+                stopped = TrainingInterrupted(signum, self.step, path, self.stop_signals, done.note, done.status)
+                self.stop_signals.finish(f"fastssl/train.py: {stopped}\n", stopped.exit_code)
+        return stopped
 
     def _knn_monitor(self, metrics, tb, wb) -> None:
         """kNN top-1 of the current backbone as a metrics row (``{"step", "epoch", "knn_top1"}``)."""
@@ -525,13 +548,7 @@ class Trainer:
         row.update({k: float(v) for k, v in logs.items()})
         row["img_s"] = window["n"] * global_batch / max(window["time"], 1e-9)
         row["data_wait_pct"] = 100.0 * window["wait"] / max(window["time"], 1e-9)
-        if self.model is not self._eager_model:  # compiled: a graph count that grows means recompilation
-            graphs = compiled.graphs()
-            row["compiled_graphs"] = graphs
-            if graphs > self._graphs_logged and self.dist.is_main:
-                progress.write(f"warning: train.compile recompiled the step: {graphs} graphs now, "
-                               f"{self._graphs_logged} before (TORCH_LOGS=recompiles prints why)")
-            self._graphs_logged = graphs
+        row.update(self.train_forward.log_row())
         return row
 
     # ------------------------------------------------------------------------------------------- kNN
@@ -657,22 +674,25 @@ def trim_metrics(path: Path, last_step: int) -> int:
 
 
 class TrainingInterrupted(Exception):
-    """SIGTERM or SIGINT: every rank finished the same step and its checkpoint is written."""
+    """SIGTERM, SIGINT or SIGUSR1: every rank finished the same step and its checkpoint is written. ``note``: what
+    happens next (a SLURM job's requeue), instead of the resume hint; ``status``: the exit status, when not
+    128 + the signal number."""
 
-    def __init__(self, signum: int, step: int, path: Path, signals: distributed.StopSignals | None = None):
-        self.signum, self.step, self.path, self.signals = signum, step, path, signals
+    def __init__(self, signum: int, step: int, path: Path, signals: distributed.StopSignals | None = None,
+                 note: str = "", status: int | None = None):
+        self.signum, self.step, self.path, self.signals, self.status = signum, step, path, signals, status
         try:
             name = signal.Signals(signum).name
         except ValueError:
             name = f"signal {signum}"
-        super().__init__(f"stopped by {name} after step {step}; checkpoint {path}. To resume, run the same command "
-                         f"again (resume=auto, the default, takes the newest valid checkpoint in out_dir), or pass "
-                         f"resume={path}")
+        hint = note or (f"To resume, run the same command again (resume=auto, the default, takes the newest valid "
+                        f"checkpoint in out_dir), or pass resume={path}")
+        super().__init__(f"stopped by {name} after step {step}; checkpoint {path}. {hint}")
 
     @property
     def exit_code(self) -> int:
-        """128 + the signal number, the shell's convention for "ended by this signal"."""
-        return 128 + self.signum
+        """128 + the signal number, the shell's convention for "ended by this signal" (0 for a requeued job)."""
+        return 128 + self.signum if self.status is None else self.status
 
 
 class TrainingDiverged(RuntimeError):

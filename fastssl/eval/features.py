@@ -88,9 +88,20 @@ def add_input_args(parser) -> None:
                         help="autocast of the forward; default: the run's train.precision")
     parser.add_argument("--image-size", type=int, default=None, help="default: the run's data.global_size")
     parser.add_argument("--num-workers", type=int, default=None, help="decode processes (default: per core)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU intra-op threads (0: torch's default; on a CPU several single-thread ranks under "
+                             "torchrun are often faster than one process with several threads)")
     parser.add_argument("--out", default=None, metavar="JSON",
                         help="result file; default: <folder>/<name>.json beside the input")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def apply_threads(threads: int) -> None:
+    """``--threads``: set torch's CPU intra-op threads (0 leaves torch's default)."""
+    if threads < 0:
+        raise ValueError(f"--threads {threads}: must be >= 0")
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def default_out(source: str | os.PathLike, name: str) -> str:
@@ -109,6 +120,7 @@ def features_from_args(args, **extract) -> tuple[dict, list, dict]:
     JSON report. Raises ExportError / ValueError / OSError / ImportError with a message for the user."""
     from fastssl.eval.weights import load_backbone
 
+    apply_threads(args.threads)
     backbone, meta = load_backbone(args.checkpoint, args.branch)
     precision = args.precision or meta.get("precision", "fp32")
     feats, classes = dataset_features(

@@ -50,6 +50,9 @@ class SwAV(SSLMethod):
         self.register_buffer("queue", torch.zeros(N_ASSIGNED, queue_length, proj_dim))
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))  # valid rows, newest first
         self._filled = 0  # host copy of queue_filled: no device sync per step
+        # Whether the queue is full, apart from the count: a compiled forward specializes on the attributes it reads,
+        # and a bool changes once (one recompilation when the queue joins Sinkhorn), the count at every step.
+        self._full = False
         self._queue_filling = False
         self._pending: list[torch.Tensor] | None = None  # this step's global embeddings, queued after the update
         self.register_load_state_dict_post_hook(_after_load)
@@ -69,7 +72,7 @@ class SwAV(SSLMethod):
         return loss, {"loss": loss.detach(), "queue_used": float(self._queue_full())}
 
     def _queue_full(self) -> bool:
-        return self.queue.shape[1] > 0 and self._filled == self.queue.shape[1]
+        return self._full
 
     @torch.no_grad()
     def _codes(self, scores: torch.Tensor, a: int) -> torch.Tensor:
@@ -93,6 +96,7 @@ class SwAV(SSLMethod):
         self.queue.copy_(torch.cat([new, self.queue], dim=1)[:, :length])
         self._filled = min(self._filled + new.shape[1], length)
         self.queue_filled.fill_(self._filled)
+        self._full = self._filled == length
 
     # ----------------------------------------------------------------------------------------- hooks
     def _prototypes_frozen(self, step: int) -> bool:
@@ -117,3 +121,4 @@ class SwAV(SSLMethod):
 
 def _after_load(module: SwAV, _incompatible_keys) -> None:
     module._filled = int(module.queue_filled)  # the one device read, after a checkpoint load
+    module._full = module.queue.shape[1] > 0 and module._filled == module.queue.shape[1]
