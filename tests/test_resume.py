@@ -127,6 +127,10 @@ def _env() -> dict:
 def _train_cmd(data: Path, out: Path, method: str = "byol", nproc: int = 0, torchrun_args=(), **extra) -> list[str]:
     """``fastssl/train.py`` (this file as the entry point when a test method is used), under torchrun when nproc."""
     entry = THIS if extra.get("method.name") in TEST_METHODS else ROOT / "fastssl" / "train.py"
+    if extra.get("method.name") in TEST_METHODS:
+        # A fixed layout: train.channels_last=auto would time copies of the model, whose forwards these test methods
+        # count (a stall or a NaN at the Nth call would then hit the measurement instead of the training step).
+        extra.setdefault("train.channels_last", "true")
     args = [str(entry), "--config", _RECIPES[method], *_overrides(data, out, method, **extra)]
     if nproc:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
