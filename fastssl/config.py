@@ -121,6 +121,7 @@ class LinearProtocolConfig:
     gamma: float = 0.1
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
     center_crop: float = 0.875  # the scored view: this fraction of the shorter side, centred (Resize 256, crop 224)
+    head_bn: bool = False  # BatchNorm without affine in front of the linear layer (MAE's linear probing)
 
 
 @dataclass

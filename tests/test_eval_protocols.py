@@ -81,23 +81,29 @@ def _score_by_hand(model: nn.Module, data: Path, size: int, mean, std) -> tuple[
     return 100 * hits1 / n, 100 * hits5 / n
 
 
-def test_paper_linear_trains_the_head_alone_and_never_moves_the_backbone(run_dir, tiny_gray_named, tmp_path):
+@pytest.mark.parametrize("head_bn", [False, True])
+def test_paper_linear_trains_the_head_alone_and_never_moves_the_backbone(run_dir, tiny_gray_named, tmp_path,
+                                                                         head_bn):
     backbone, meta = load_backbone(run_dir / "checkpoints" / "last.pt")
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
-    protocol = Protocol.from_section("linear", OmegaConf.to_container(_config(tiny_gray_named, run_dir).eval.linear))
+    section = OmegaConf.to_container(_config(tiny_gray_named, run_dir).eval.linear)
+    protocol = Protocol.from_section("linear", {**section, "head_bn": head_bn})
     job = Job(data=str(tiny_gray_named), protocol=protocol, work_dir=tmp_path / "lin", image_size=32,
               mean=tuple(meta["mean"]), std=tuple(meta["std"]), precision="fp32", num_workers=0, progress=False)
     result = run(backbone, meta["feat_dim"], 10, job)
     # BatchNorm in eval mode the whole time: running statistics (and every weight) exactly as trained
     after = backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    clf = Classifier(backbone, meta["feat_dim"], 10, frozen=True).train()
+    clf = Classifier(backbone, meta["feat_dim"], 10, frozen=True, head_bn=head_bn).train()
     assert clf.training and not any(m.training for m in clf.backbone.modules())
     assert result["steps"] == 2 * 10 and result["train_images"] == 200 and result["val_images"] == 40
     rows = [json.loads(line) for line in (tmp_path / "lin" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     # The score is the last epoch's head over every val image once: recomputed by hand from the saved head.
-    clf.head.load_state_dict(load_checkpoint(tmp_path / "lin" / "checkpoints" / "last.pt")["model"])
+    head = load_checkpoint(tmp_path / "lin" / "checkpoints" / "last.pt")["model"]
+    # with head_bn the head's BatchNorm learned the features' statistics (its running mean moved off zero)
+    assert ("0.running_mean" in head and head["0.running_mean"].abs().sum() > 0) == head_bn
+    clf.head.load_state_dict(head)
     top1, top5 = _score_by_hand(clf, tiny_gray_named, 32, meta["mean"], meta["std"])
     assert (result["top1"], result["top5"]) == pytest.approx((top1, top5))
     assert top5 > top1 > 0
@@ -195,7 +201,9 @@ def test_fastssl_eval_reports_every_protocol_beside_random_init(run_dir, tiny_gr
     assert rep["rows"][2]["images"] == 2 and rep["rows"][3]["images"] == 20
     assert rep["machine"]["cpu"] and rep["step"] == 7
     md = (folder / "report.md").read_text()
-    assert "| protocol | labels | top-1 | top-5 | random init top-1 | random init top-5 | gain (top-1) | time |" in md
+    header = ["protocol", "labels", "top-1", "top-5", "random init top-1", "random init top-5", "gain (top-1)",
+              "compute time"]
+    assert "| " + " | ".join(header) + " |" in md
     assert "fine-tune on 10% (20 images, 2 epochs)" in md
     png = Image.open(io.BytesIO((folder / "report.png").read_bytes()))
     assert png.format == "PNG" and png.size == (760, 480)
@@ -240,7 +248,7 @@ def test_train_with_eval_after_under_torchrun_reports_in_the_same_ranks(tiny_gra
     lin = rep["rows"][1]["checkpoint"]
     assert lin["world_size"] == 2 and lin["val_images"] == 40
     backbone, meta = load_backbone(out / "checkpoints" / "last.pt")
-    clf = Classifier(backbone, meta["feat_dim"], 10, frozen=True)
+    clf = Classifier(backbone, meta["feat_dim"], 10, frozen=True, head_bn=lin["settings"]["head_bn"])
     clf.head.load_state_dict(load_checkpoint(out / "eval" / "linear" / "checkpoints" / "last.pt")["model"])
     assert (lin["top1"], lin["top5"]) == pytest.approx(_score_by_hand(clf, tiny_gray_named, 32, meta["mean"],
                                                                       meta["std"]))

@@ -152,4 +152,5 @@ def describe_protocol(p: Protocol, origin: str) -> str:
     lr = f"lr {p.base_lr:g}" + (f", head {p.head_lr:g}" if p.mode == "finetune" else "")
     sched = "cosine" if p.schedule == "cosine" else f"x{p.gamma:g} at epochs {', '.join(map(str, p.milestones))}"
     return (f"{p.epochs} epochs, batch {p.batch_size}, SGD {lr} (x batch/256), momentum {p.momentum:g}"
-            f"{' Nesterov' if p.nesterov else ''}, wd {p.weight_decay:g}, {sched}; from {origin}")
+            f"{' Nesterov' if p.nesterov else ''}, wd {p.weight_decay:g}, {sched}, crops {list(p.crop_scale)}"
+            f"{', BatchNorm head' if p.head_bn else ''}; from {origin}")

@@ -42,6 +42,7 @@ from pipelines.progress import progress_bar
 from pipelines.progress import write as say
 
 RESULT = "result.json"
+SCORE_BATCH = 128  # at least this many val images per forward when scoring (a 1 % fine-tune may train in pairs)
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
@@ -66,6 +67,7 @@ class Protocol:
     gamma: float = 0.1
     crop_scale: tuple[float, float] = (0.08, 1.0)
     center_crop: float = 0.875
+    head_bn: bool = False  # a BatchNorm without affine in front of the linear layer (MAE's linear probing)
 
     def __post_init__(self) -> None:
         if self.mode not in ("linear", "finetune"):
@@ -100,15 +102,19 @@ class Protocol:
 
 class Classifier(nn.Module):
     """``backbone`` -> ``Linear(feat_dim, num_classes)``. With ``frozen`` the backbone gets no gradient and stays in
-    eval mode whatever ``train()`` is called with (its BatchNorm statistics are part of what is evaluated)."""
+    eval mode whatever ``train()`` is called with (its BatchNorm statistics are part of what is evaluated).
+    ``head_bn``: a ``BatchNorm1d(affine=False)`` in front of the linear layer, part of the head (MAE's linear
+    probing; SwAV's eval_linear.py ``--use_bn``): it standardizes features whose scales differ, which plain SGD on
+    the raw features converges on slowly."""
 
-    def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int, frozen: bool):
+    def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int, frozen: bool, head_bn: bool = False):
         super().__init__()
         self.backbone, self.frozen = backbone, frozen
-        self.head = nn.Linear(feat_dim, num_classes)
+        linear = nn.Linear(feat_dim, num_classes)
         # The papers' head init (SwAV, MoCo, Barlow Twins): N(0, 0.01), zero bias.
-        nn.init.normal_(self.head.weight, std=0.01)
-        nn.init.zeros_(self.head.bias)
+        nn.init.normal_(linear.weight, std=0.01)
+        nn.init.zeros_(linear.bias)
+        self.head = nn.Sequential(nn.BatchNorm1d(feat_dim, affine=False), linear) if head_bn else linear
         if frozen:
             self.backbone.requires_grad_(False)
 
@@ -119,13 +125,14 @@ class Classifier(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, 3, S, S) float -> (B, num_classes) logits (autocast dtype)."""
+        """x: (B, 3, S, S) float -> (B, num_classes) fp32 logits (the backbone under the caller's autocast)."""
         if self.frozen:
             with torch.no_grad():
                 feats = self.backbone(x)
         else:
             feats = self.backbone(x)
-        return self.head(feats)
+        with torch.autocast(x.device.type, enabled=False):  # the head in fp32: small, and its logits feed the loss
+            return self.head(feats.float())
 
 
 @dataclass
@@ -212,10 +219,13 @@ class _Run:
         self.steps_per_epoch = len(self.loader)
         self.total_steps = p.epochs * self.steps_per_epoch
         torch.manual_seed(job.seed)  # the head's init: the same on every rank
-        model = Classifier(backbone, feat_dim, num_classes, frozen=p.mode == "linear").to(self.device)
-        model = model.to(memory_format=torch.channels_last)
-        if p.mode == "finetune" and self.device.type == "cuda" and dist.world_size > 1:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = Classifier(backbone, feat_dim, num_classes, frozen=p.mode == "linear", head_bn=p.head_bn)
+        model = model.to(self.device).to(memory_format=torch.channels_last)
+        if self.device.type == "cuda" and dist.world_size > 1:
+            if p.mode == "finetune":
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            else:  # the frozen backbone's BatchNorm stays as it is; the head's, if any, sees the global batch
+                model.head = nn.SyncBatchNorm.convert_sync_batchnorm(model.head)
         self.model = model
         self.ddp = DDP(model, device_ids=[dist.local_rank] if self.device.type == "cuda" else None) \
             if dist.world_size > 1 else model
@@ -231,6 +241,8 @@ class _Run:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=job.precision == "fp16")
         self.checkpoints = CheckpointDir(Path(job.work_dir) / "checkpoints", keep=1)
         self.step = 0
+        self.seconds_before = 0.0  # the time the runs this one resumes spent (checkpointed): a result's "seconds"
+        self.t0 = time.perf_counter()
         self.signals = distributed.StopSignals(announce=dist.is_main)
 
     # ---------------------------------------------------------------------------------------- resume
@@ -239,6 +251,7 @@ class _Run:
         return {"model": self.model.state_dict() if self.p.mode == "finetune" else self.model.head.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
                 "loader": {"epoch": epoch, "batch": batch}, "identity": self.job.identity(),
+                "seconds": self.seconds_before + time.perf_counter() - self.t0,
                 "steps_per_epoch": self.steps_per_epoch, "world_size": self.dist.world_size}
 
     def save(self) -> Path:
@@ -276,6 +289,7 @@ class _Run:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        self.seconds_before = float(state.get("seconds", 0.0))
         self.loader.load_state_dict(state["loader"])
         if len(state["rng"]) == self.dist.world_size:
             set_rng_state(state["rng"][self.dist.rank])
@@ -286,7 +300,7 @@ class _Run:
     # ------------------------------------------------------------------------------------------- fit
     def fit(self) -> dict:
         job, p, main = self.job, self.p, self.dist.is_main
-        t0 = time.perf_counter()
+        t0 = self.t0 = time.perf_counter()
         self.resume()
         work = Path(job.work_dir)
         if main:
@@ -340,7 +354,8 @@ class _Run:
                   "settings": _jsonable(asdict(p)), "world_size": self.dist.world_size,
                   "backend": type(self.loader).__name__, "precision": job.precision, "source": job.source,
                   "data": str(job.data), "image_size": job.image_size, "seed": job.seed,
-                  "seconds_this_process": round(time.perf_counter() - t0, 1), "identity": job.identity(), **job.extra}
+                  "seconds": round(self.seconds_before + time.perf_counter() - t0, 1), "identity": job.identity(),
+                  **job.extra}
         if job.subset_file:
             result["labels_file"] = job.subset_file
         if main:
@@ -352,6 +367,8 @@ class _Run:
         for g in self.optimizer.param_groups:
             g["lr"] = g["peak"] * factor
         x, y = batch.views[0], batch.labels
+        if self.p.head_bn and x.shape[0] < 2:
+            return  # an epoch's last batch of one image: a BatchNorm needs two (every rank has the same batch sizes)
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             logits = self.ddp(x)
         loss = F.cross_entropy(logits.float(), y)
@@ -372,13 +389,18 @@ class _Run:
         total = int(self.manifest["splits"]["val"]["count"])
         lo, hi = self.dist.rank * total // self.dist.world_size, (self.dist.rank + 1) * total // self.dist.world_size
         counts = torch.zeros(3, device=self.device)  # top-1 hits, top-5 hits, images
+        if self.dist.world_size > 1:
+            # Each rank's BatchNorm statistics saw its own last batches (without SyncBatchNorm: on CPUs, and the
+            # linear head's off CUDA): every rank scores with rank 0's, the ones its checkpoint holds.
+            for buffer in self.model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
         was_training = self.model.training
         self.model.eval()
         if hi > lo:
             # The papers' centre view: Resize(S / crop) then CenterCrop(S): the centred square's middle crop share.
             size = round(job.image_size / p.center_crop)
             spec = pipelines.MultiCropSpec.preset("eval", global_size=size, mean=job.mean, std=job.std)
-            loader = pipelines.build_loader(job.data, spec, max(1, p.batch_size // self.dist.world_size),
+            loader = pipelines.build_loader(job.data, spec, max(SCORE_BATCH, p.batch_size // self.dist.world_size),
                                             split="val", device=self.device, backend=job.backend,
                                             num_workers=job.num_workers, augment=False, progress=False,
                                             subset=np.arange(lo, hi))
