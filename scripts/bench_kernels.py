@@ -15,7 +15,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastssl import kernels  # noqa: E402
 from fastssl.kernels import reference  # noqa: E402
+from pipelines.native import cpu_model  # noqa: E402
 
 
 @dataclass
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{row['op']:<26} {row['size']:<26} {impl:<8} {row['median_ms']:>10.3f} ms "
                   f"{row['peak_mib']:>10.2f} MiB  x{row['x_vs_eager']}{extra_txt}", flush=True)
         os.environ.pop("FASTSSL_KERNELS", None)
-    name = torch.cuda.get_device_name() if gpu else _cpu_name()
+    name = torch.cuda.get_device_name() if gpu else cpu_model()
     command = " ".join(["python", "scripts/bench_kernels.py", *(argv if argv is not None else sys.argv[1:])])
     report = dict(date=datetime.date.today().isoformat(), device=name, cpu_count=os.cpu_count(),
                   threads=torch.get_num_threads(),
@@ -195,16 +195,6 @@ def main(argv: list[str] | None = None) -> dict:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
     return report
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _triton_version() -> str | None:

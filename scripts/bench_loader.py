@@ -63,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pipelines  # noqa: E402
 from pipelines import MultiCropSpec, ViewSpec, build_loader  # noqa: E402
+from pipelines.native import cpu_model  # noqa: E402
 from pipelines.photometric import JITTER_OPS, apply_photometric, sample_photometric_params  # noqa: E402
 
 OURS = ("torch", "dali", "ffcv")
@@ -438,13 +439,7 @@ def geometric_only(spec: MultiCropSpec) -> MultiCropSpec:
 
 # ---- report ----------------------------------------------------------------------------------------------
 def _machine(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info = {"cpu": cpu, "cores": pipelines.usable_cpus(), "torch_threads": torch.get_num_threads(),
+    info = {"cpu": cpu_model(), "cores": pipelines.usable_cpus(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__, "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

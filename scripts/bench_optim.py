@@ -31,6 +31,7 @@ from fastssl.models import build_backbone  # noqa: E402
 from fastssl.optim.ema import ema_update_, ema_update_loop_  # noqa: E402
 from fastssl.optim.lars import LARS  # noqa: E402
 from pipelines import native  # noqa: E402
+from pipelines.native import cpu_model  # noqa: E402
 
 LR, MOMENTUM, WD, ETA = 0.1, 0.9, 1.5e-6, 0.001
 
@@ -137,15 +138,7 @@ def peak_bandwidth_gbs(device: torch.device) -> float | None:
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 

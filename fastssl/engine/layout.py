@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from torch import nn
 from fastssl.engine import distributed
 from pipelines import progress
 from pipelines.formats import atomic_write_bytes
+from pipelines.native import cpu_model
 
 AUTO = "auto"
 
@@ -42,17 +42,6 @@ def cache_dir() -> Path:
     if env:
         return Path(env)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastssl"
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def time_step(model: nn.Module, views: list[torch.Tensor], amp_dtype: torch.dtype | None, steps: int,

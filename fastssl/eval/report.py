@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from fastssl.eval import group
+from pipelines.native import cpu_model
 
 PROG = "fastssl-eval"
 PROTOCOLS = ("knn", "linear", "finetune")
@@ -257,14 +258,7 @@ def _supervised(run, backbone, meta: dict, classes: list, job) -> dict:
 
 
 def _machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
             "python": platform.python_version()}
