@@ -85,6 +85,9 @@ class TrainConfig:
     epochs: int = 300
     max_steps: int = 0  # > 0: stop after this many steps
     precision: str = "bf16"  # bf16 | fp16 | fp32
+    # The MLP heads (projector, predictor) under the run's autocast (amp) or in fp32 while the backbone keeps
+    # ``precision`` (a small model's heads are a few % of the step; BENCHMARKS.md, "The demo within 15 minutes")
+    head_precision: str = "amp"
     # The model's (and so the views') memory format: auto (CUDA: channels-last; CPU: measured once per model and
     # CPU, cached; fastssl.engine.layout) | true | false
     channels_last: Any = "auto"
@@ -202,6 +205,7 @@ _CHOICES = {
     "data.spec": tuple(sorted(n for n in pipelines.PRESETS if n != "eval")),  # eval: one view, nothing to learn
     "optim.name": ("lars", "sgd", "adamw"),
     "train.precision": ("bf16", "fp16", "fp32"),
+    "train.head_precision": ("amp", "fp32"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 

@@ -113,3 +113,29 @@ def test_bias_and_norm_parameters_are_excluded_from_adaptation():
     assert any(p is bn_weight for p in excluded["params"])
     adapted = [g for g in groups if not g["lars_exclude"]][0]
     assert any(p is method.backbone.conv1.weight for p in adapted["params"])
+
+
+def test_head_precision_fp32_runs_the_heads_in_fp32_inside_a_bf16_autocast():
+    from fastssl.config import load_config
+    from fastssl.engine.trainer import build_model
+
+    over = ["model.width=4", "method.proj_hidden=32", "method.proj_dim=16", "method.pred_hidden=32"]
+    amp = build_model(load_config("byol_resnet18_fmnist", over))
+    fp32 = build_model(load_config("byol_resnet18_fmnist", [*over, "train.head_precision=fp32"]))
+    fp32.load_state_dict(amp.state_dict())  # same weights: the option adds no state
+    x = torch.randn(6, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fp32.backbone(x)
+        assert y.dtype == torch.bfloat16  # the backbone stays in the autocast region
+        assert amp.projector(y).dtype == torch.bfloat16
+        p = fp32.projector(y)
+    assert p.dtype == torch.float32
+    # the fp32 head equals the same head run outside autocast on the same (bf16-rounded) features, bit for bit
+    torch.testing.assert_close(p, fp32.projector(y.float()), rtol=0, atol=0)
+    # and differs from the bf16 head by more than fp32 rounding (the option changes what is computed)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (amp.projector(y).float() - p).abs().max() > 1e-4
+        loss, _ = fp32([x, x.flip(-1)])
+    loss.backward()
+    assert fp32.predictor[0].weight.grad.dtype == torch.float32
+    assert torch.isfinite(fp32.backbone.conv1.weight.grad).all()

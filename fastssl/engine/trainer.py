@@ -27,7 +27,7 @@ from fastssl.engine.monitor import DataWaitMonitor, open_wandb
 from fastssl.engine.probes import OnlineLinearProbe
 from fastssl.engine.run_folder import RunFolderBusy, RunFolderLock, hold_run_folder
 from fastssl.methods import build_method
-from fastssl.models import build_backbone
+from fastssl.models import MLP, build_backbone
 from fastssl.models.norm import sync_batchnorm
 from fastssl.optim.lars import LARS
 from fastssl.optim.schedules import scaled_lr, warmup_cosine
@@ -40,7 +40,12 @@ _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 def build_model(cfg: DictConfig) -> nn.Module:
     backbone = build_backbone(cfg.model.backbone, cfg.model.width, cfg.model.small_images)
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.method).items() if k != "name"}
-    return build_method(cfg.method.name, backbone, backbone.feat_dim, **kwargs)
+    method = build_method(cfg.method.name, backbone, backbone.feat_dim, **kwargs)
+    if cfg.train.head_precision == "fp32":  # the MLP heads leave the autocast region (the backbone stays in it)
+        for module in method.modules():
+            if isinstance(module, MLP):
+                module.fp32 = True
+    return method
 
 
 class Trainer:

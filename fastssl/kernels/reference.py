@@ -6,11 +6,25 @@ to read like the formula. Accumulation is fp32 whatever the input dtype.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+
+def _outside_autocast(fn):
+    """Run ``fn`` with autocast off: the twins promise fp32 accumulation, and inside a bf16/fp16 autocast region
+    (the training step's) their matmuls would otherwise run in the region's precision despite the ``.float()``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def normalized_mse(p: torch.Tensor, z: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -26,6 +40,7 @@ def normalized_mse(p: torch.Tensor, z: torch.Tensor, eps: float = 1e-12) -> torc
     return 2.0 - 2.0 * (p * z).sum(dim=1)
 
 
+@_outside_autocast
 def contrastive_rows(q: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor, temperature: float,
                      self_col: torch.Tensor | None = None, extra_pos: bool = False) -> torch.Tensor:
     """The core every contrastive loss shares, per row: ``logsumexp(logits_i) - q_i.pos_i / T``.
@@ -44,6 +59,7 @@ def contrastive_rows(q: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor, tem
     return torch.logsumexp(logits, dim=1) - pos_logit
 
 
+@_outside_autocast
 def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float, queue: torch.Tensor | None = None,
              scale: float = 1.0) -> torch.Tensor:
     """InfoNCE as the MoCo papers write it, for one process.
@@ -62,6 +78,7 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float, queue: torch.
     return scale * F.cross_entropy(logits / temperature, labels)
 
 
+@_outside_autocast
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
     """SimCLR's NT-Xent: 2N rows, each row's positive is the other view of its image, the other 2N - 2
     rows are negatives, and the self-similarity is masked out.

@@ -27,6 +27,14 @@ class MLP(nn.Sequential):
         if last_bn:
             layers.append(nn.BatchNorm1d(out_dim, affine=False))
         super().__init__(*layers)
+        # True: the head computes in fp32 even inside a bf16/fp16 autocast region (train.head_precision=fp32)
+        self.fp32 = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp32 and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
 
 
 
