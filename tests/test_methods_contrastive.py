@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch import nn
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -349,3 +350,14 @@ def test_train_entry_point_runs_each_recipe(recipe, extra, tiny_gray_dataset, tm
     assert results["steps"] == 2 and math.isfinite(results["final_loss"])
     assert 0.0 <= json.loads((out / "knn.json").read_text())["knn_top1"] <= 100.0
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 2
+
+
+@pytest.mark.parametrize("pred_last_bn", [True, False])
+def test_mocov3_heads_have_no_linear_bias_as_in_the_authors_code(pred_last_bn):
+    """MoCo v3's MLPs: BN after every hidden Linear, an affine-free BN after the output one when ``last_bn``, and
+    no Linear bias anywhere, the predictor without an output BN (the ResNet-50 setting) included."""
+    method = _method("mocov3", pred_last_bn=pred_last_bn)
+    linears = [m for head in (method.projector, method.predictor) for m in head.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 5  # 3-layer projector + 2-layer predictor
+    assert all(m.bias is None for m in linears)
+    assert isinstance(method.predictor[-1], nn.BatchNorm1d) == pred_last_bn

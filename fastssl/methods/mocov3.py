@@ -44,7 +44,9 @@ class MoCoV3(SSLMethod):
         if frozen_patch_embed and hasattr(backbone, "freeze_patch_embed"):  # ViTs only
             backbone.freeze_patch_embed()
         self.projector = MLP(feat_dim, proj_hidden, proj_dim, n_layers=proj_layers, last_bn=True)
-        self.predictor = MLP(proj_dim, pred_hidden, proj_dim, n_layers=2, last_bn=pred_last_bn)
+        # No Linear of either MLP has a bias in the authors' code (a BN follows every hidden one; the predictor's
+        # output has none either way)
+        self.predictor = MLP(proj_dim, pred_hidden, proj_dim, n_layers=2, last_bn=pred_last_bn, last_bias=False)
         self.momentum_backbone = copy.deepcopy(backbone).requires_grad_(False)
         self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
         self.temperature, self.base_tau = temperature, base_tau

@@ -13,9 +13,12 @@ class MLP(nn.Sequential):
     """``Linear -> BN -> ReLU`` repeated ``n_layers - 1`` times, then ``Linear`` (BYOL / SimCLR heads).
 
     ``forward(x: (B, in_dim)) -> (B, out_dim)``. ``last_bn`` adds an affine-free BN at the end (MoCo v3).
+    ``last_bias``: whether the output Linear has a bias (default: when no BN follows it; MoCo v3's code has
+    none in any layer, its predictor without an output BN included).
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, n_layers: int = 2, last_bn: bool = False):
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, n_layers: int = 2, last_bn: bool = False,
+                 last_bias: bool | None = None):
         if n_layers < 1:
             raise ValueError(f"MLP needs n_layers >= 1, got {n_layers}")
         layers: list[nn.Module] = []
@@ -23,7 +26,7 @@ class MLP(nn.Sequential):
         for _ in range(n_layers - 1):
             layers += [nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
             dim = hidden_dim
-        layers.append(nn.Linear(dim, out_dim, bias=not last_bn))
+        layers.append(nn.Linear(dim, out_dim, bias=not last_bn if last_bias is None else last_bias))
         if last_bn:
             layers.append(nn.BatchNorm1d(out_dim, affine=False))
         super().__init__(*layers)
