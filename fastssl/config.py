@@ -86,7 +86,7 @@ class TrainConfig:
     max_steps: int = 0  # > 0: stop after this many steps
     precision: str = "bf16"  # bf16 | fp16 | fp32
     # The MLP heads (projector, predictor) under the run's autocast (amp) or in fp32 while the backbone keeps
-    # ``precision`` (a small model's heads are a few % of the step; BENCHMARKS.md, "The demo within 15 minutes")
+    # ``precision`` (a few % of a small model's step; measured for the demo in BENCHMARKS.md, "The demo bar")
     head_precision: str = "amp"
     # The model's (and so the views') memory format: auto (CUDA: channels-last; CPU: measured once per model and
     # CPU, cached; fastssl.engine.layout) | true | false
