@@ -57,7 +57,10 @@ def bench_cell(cfg, device: torch.device, batch: int, channels_last: bool, compi
     model = method
     if compile_step:
         compiled.prepare(device)
-        model = compiled.compile_model(method, compile_mode, device) or method
+        # not ``... or method``: a compiled module's truth value calls len(), which an nn.Module without one
+        # raises on (TypeError)
+        fast = compiled.compile_model(method, compile_mode, device)
+        model = method if fast is None else fast
     amp = _AMP_DTYPES[cfg.train.precision]
     times = []
     for _ in range(warmup + repeats):

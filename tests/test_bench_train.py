@@ -68,6 +68,18 @@ def test_bench_step_times_both_layouts_and_the_per_view_loop(tmp_path, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"best={report['best']}"
 
 
+def test_bench_step_times_the_compiled_cells(tmp_path, monkeypatch):
+    """``--compile yes`` adds the compiled cells (gpu_check's step_layout runs them on CUDA); the compiled module used
+    to be picked with ``compile_model(...) or method``, whose truth value raised TypeError (no len())."""
+    monkeypatch.setenv("FASTSSL_COMPILE_BACKEND", "aot_eager")  # dynamo without inductor's code generation: fast
+    report = load_script("bench_step", "_bench_step_compiled").main([
+        "--method", "byol", "--batch", "8", "--threads", "1", "--warmup", "1", "--repeats", "1", "--compile", "yes",
+        "model.width=4", "method.proj_hidden=32", "method.proj_dim=16", "method.pred_hidden=32"])
+    modes = [(r["layout"], r["mode"]) for r in report["rows"]]
+    assert ("channels_last", "compiled") in modes and ("nchw", "compiled") in modes
+    assert all(r["ms"] > 0 for r in report["rows"])
+
+
 def test_summary_skips_the_event_rows_of_metrics():
     """A skipped step writes an event row (no img/s) into metrics.jsonl: the window figures leave it out (it made
     the summary raise KeyError: 'img_s', found by gpu_check's dry run)."""
