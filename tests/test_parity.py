@@ -534,3 +534,17 @@ def test_summarize_refuses_another_method_before_writing_anything(tmp_path):
     with pytest.raises(SystemExit, match="the runs are byol, not --method simclr"):
         parity.main(["--method", "simclr", "--summarize", *map(str, runs), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_swav_settings_run_without_the_queue_that_knocked_both_sides_down(tmp_path):
+    """Session 10: a 1,024 queue entering at epoch 3 cost both sides ~10 kNN points; the settings turn it off on
+    both sides, and ``--setting heads.queue_length=N`` brings it back on both."""
+    args = parity.argparse.Namespace(data=str(tmp_path), epochs=1, seed=0, precision="fp32", threads=1,
+                                     fastssl_override=[])
+    s = parity.SETTINGS["swav"]()
+    assert "method.queue_length=0" in parity.fastssl_overrides(s, args, tmp_path / "run")
+    assert parity.build_independent(s).queue.shape[1] == 0
+    s = parity.apply_settings(parity.SETTINGS["swav"](), ["heads.queue_length=1024"])
+    assert {"method.queue_length=1024", "method.queue_start_epoch=2"} <= set(
+        parity.fastssl_overrides(s, args, tmp_path / "run"))
+    assert parity.build_independent(s).queue.shape[1] == 1024
