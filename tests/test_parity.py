@@ -117,13 +117,18 @@ def test_independent_backbone_is_fastssls_architecture():
     assert torch.allclose(ours(x), theirs(x), atol=1e-5)
 
 
+def _run_args(data, *overrides: str):
+    """The command-line namespace ``fastssl_overrides`` reads: a 1-epoch fp32 seed-0 run on ``data``."""
+    return parity.argparse.Namespace(data=str(data), epochs=1, seed=0, precision="fp32", threads=1,
+                                     fastssl_override=list(overrides))
+
+
 @pytest.mark.parametrize("method", sorted(parity.SETTINGS))
 def test_settings_equal_fastssls_spec_and_independent_steps(method, tmp_path):
     from fastssl.config import load_config
 
     s = parity.SETTINGS[method]()
-    args = parity.argparse.Namespace(data=str(tmp_path), epochs=1, seed=0, precision="fp32", threads=1,
-                                     fastssl_override=[])
+    args = _run_args(tmp_path)
     cfg = load_config(s.recipe, parity.fastssl_overrides(s, args, tmp_path / "run"))
     parity.check_same_views(s, cfg)  # raises SystemExit when fastssl would train other views
     # Two steps of the independent method on random views: the loss is finite and the update runs.
@@ -151,8 +156,7 @@ def _fastssl_and_independent(method: str, tmp_path: Path, **heads):
     s = parity.SETTINGS[method]()
     s.width = 4
     s.heads.update(heads)
-    args = parity.argparse.Namespace(data=str(tmp_path), epochs=1, seed=0, precision="fp32", threads=1,
-                                     fastssl_override=[])
+    args = _run_args(tmp_path)
     cfg = load_config(s.recipe, parity.fastssl_overrides(s, args, tmp_path / "run"))
     torch.manual_seed(0)
     theirs = build_model(cfg).train()
@@ -214,8 +218,7 @@ def test_setting_changes_both_sides_and_refuses_what_it_cannot_set(tmp_path):
                                                           "heads.freeze_prototypes_epochs=1", "lr=0.03"])
     assert (s.heads["sinkhorn_eps"], s.heads["n_prototypes"], s.lr) == (0.05, 100, 0.03)
     assert isinstance(s.heads["freeze_prototypes_epochs"], float) and isinstance(s.heads["n_prototypes"], int)
-    args = parity.argparse.Namespace(data=str(tmp_path), epochs=1, seed=0, precision="fp32", threads=1,
-                                     fastssl_override=[])
+    args = _run_args(tmp_path)
     ov = parity.fastssl_overrides(s, args, tmp_path / "run")
     assert {"method.sinkhorn_eps=0.05", "method.n_prototypes=100", "optim.final_lr=0.03"} <= set(ov)
     assert parity.build_independent(s).prototypes.weight.shape[0] == 100
@@ -238,8 +241,7 @@ def test_swav_settings_cut_milder_local_crops_than_globals_on_both_sides(tmp_pat
     from fastssl.engine.trainer import build_spec
 
     s = parity.SETTINGS["swav"]()
-    args = parity.argparse.Namespace(data=str(tmp_path), epochs=1, seed=0, precision="fp32", threads=1,
-                                     fastssl_override=[])
+    args = _run_args(tmp_path)
     cfg = load_config(s.recipe, parity.fastssl_overrides(s, args, tmp_path / "run"))
     parity.check_same_views(s, cfg)
     assert [v.scale for v in build_spec(cfg).views] == [(0.3, 1.0)] * 2 + [(0.1, 0.3)] * 4
@@ -253,8 +255,7 @@ def test_check_same_views_refuses_a_different_spec(tmp_path):
     from fastssl.config import load_config
 
     s = parity.SETTINGS["byol"]()
-    args = parity.argparse.Namespace(data=str(tmp_path), epochs=1, seed=0, precision="fp32", threads=1,
-                                     fastssl_override=["data.aug.gray_p=0.5"])
+    args = _run_args(tmp_path, "data.aug.gray_p=0.5")
     cfg = load_config(s.recipe, parity.fastssl_overrides(s, args, tmp_path / "run"))
     with pytest.raises(SystemExit, match="gray_p"):
         parity.check_same_views(s, cfg)
@@ -314,8 +315,7 @@ def test_fastssl_byol_steps_equal_the_independent_steps_from_the_same_weights(ti
     s = parity.SETTINGS["byol"]()
     s.width, s.batch = 4, 16
     s.heads.update(proj_hidden=32, proj_dim=16, pred_hidden=32)
-    args = parity.argparse.Namespace(data=str(tiny_gray_dataset), epochs=1, seed=0, precision="fp32", threads=1,
-                                     fastssl_override=["train.channels_last=false", "data.num_workers=0"])
+    args = _run_args(tiny_gray_dataset, "train.channels_last=false", "data.num_workers=0")
     cfg = load_config(s.recipe, parity.fastssl_overrides(s, args, tmp_path / "run"))
     trainer = Trainer(cfg)
     trainer._setup()
@@ -365,8 +365,7 @@ def test_fastssl_mocov3_steps_equal_the_independent_steps_from_the_same_weights(
     s = parity.SETTINGS["mocov3"]()
     s.width, s.batch, s.lr = 4, 16, 0.006
     s.heads.update(proj_hidden=32, proj_dim=16, pred_hidden=32)
-    args = parity.argparse.Namespace(data=str(tiny_gray_dataset), epochs=1, seed=0, precision="fp32", threads=1,
-                                     fastssl_override=["train.channels_last=false", "data.num_workers=0"])
+    args = _run_args(tiny_gray_dataset, "train.channels_last=false", "data.num_workers=0")
     cfg = load_config(s.recipe, parity.fastssl_overrides(s, args, tmp_path / "run"))
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
@@ -539,8 +538,7 @@ def test_summarize_refuses_another_method_before_writing_anything(tmp_path):
 def test_swav_settings_run_without_the_queue_that_knocked_both_sides_down(tmp_path):
     """Session 10: a 1,024 queue entering at epoch 3 cost both sides ~10 kNN points; the settings turn it off on
     both sides, and ``--setting heads.queue_length=N`` brings it back on both."""
-    args = parity.argparse.Namespace(data=str(tmp_path), epochs=1, seed=0, precision="fp32", threads=1,
-                                     fastssl_override=[])
+    args = _run_args(tmp_path)
     s = parity.SETTINGS["swav"]()
     assert "method.queue_length=0" in parity.fastssl_overrides(s, args, tmp_path / "run")
     assert parity.build_independent(s).queue.shape[1] == 0
