@@ -349,7 +349,7 @@ _HINTS = {
 # The methods' constructor arguments, by name (the same name means the same thing in every method).
 _METHOD_RULES: dict[str, Rule] = {
     **{k: _int(1) for k in ("proj_hidden", "proj_dim", "pred_hidden", "proj_layers", "out_dim", "hidden_dim",
-                            "bottleneck_dim", "n_prototypes", "queue_size", "sinkhorn_iters")},
+                            "bottleneck_dim", "n_prototypes", "queue_size", "sinkhorn_iters", "bn_splits")},
     **{k: _real(0.0, open_low=True) for k in ("temperature", "student_temp", "teacher_temp",
                                               "warmup_teacher_temp", "sinkhorn_eps")},
     **{k: _PROB for k in ("base_tau", "momentum", "center_momentum")},

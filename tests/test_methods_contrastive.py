@@ -118,6 +118,56 @@ def test_mocov2_loss_is_info_nce_against_its_queue():
     assert float(loss.detach()) == pytest.approx(_info_nce_by_hand(q, k, T, method.queue), rel=1e-5)
 
 
+def test_mocov2_shuffle_bn_on_one_process_normalizes_parts_apart_and_shuffles_the_keys():
+    """bn_splits = 4 on one process trains as MoCo's Shuffle-BN on 4 GPUs: each quarter of the queries is
+    normalized by its own statistics, and the keys by those of a random quarter of a permutation; loss and
+    gradients equal that written out with separate forwards (as 4 GPUs would run them)."""
+    method = _method("mocov2", temperature=T, bn_splits=4)
+    reference = _method("mocov2", temperature=T)  # the same weights (seed 0), plain BatchNorm
+    v1, v2 = _views(n=16)
+    torch.manual_seed(11)
+    loss, _ = method([v1, v2])
+    loss.backward()
+    torch.manual_seed(11)
+    order = torch.randperm(16)  # the permutation the method drew
+    q = torch.cat([reference.projector(reference.backbone(part)) for part in v1.chunk(4)])
+    with torch.no_grad():
+        shuffled = torch.cat([reference.key_projector(reference.key_backbone(part)) for part in v2[order].chunk(4)])
+        k = torch.empty_like(shuffled)
+        k[order] = shuffled
+    expected = info_nce(q, k, T, queue=reference.queue)
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    expected.backward()
+    theirs = _grads(reference)
+    for name, grad in _grads(method).items():
+        torch.testing.assert_close(grad, theirs[name], rtol=1e-4, atol=1e-6, msg=name)
+    # Without the shuffle (keys normalized with their queries' part statistics) the loss differs: the test sees it.
+    with torch.no_grad():
+        same = torch.cat([reference.key_projector(reference.key_backbone(part)) for part in v2.chunk(4)])
+    assert abs(float(info_nce(q, same, T, queue=reference.queue)) - float(loss)) > 1e-4
+    # The running statistics moved (one update per part), the parameters' names are those of plain BatchNorm (the
+    # checkpoints load either way), and eval mode is plain BatchNorm.
+    assert method.state_dict().keys() == reference.state_dict().keys()
+    method.eval()
+    reference.load_state_dict(method.state_dict())
+    reference.eval()
+    torch.testing.assert_close(method.backbone(v1), reference.backbone(v1))
+
+
+def test_mocov2_says_when_shuffle_bn_is_off_and_refuses_an_uneven_split():
+    with pytest.warns(UserWarning, match="method.bn_splits=1: Shuffle-BN"):
+        _method("mocov2").on_step_end(0, 10)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _method("mocov2", bn_splits=2).on_step_end(0, 10)
+    with pytest.raises(ValueError, match="a batch of 6 images per rank does not split into method.bn_splits=4"):
+        _method("mocov2", bn_splits=4)(_views(n=6))
+    with pytest.raises(ValueError, match="bn_splits >= 1"):
+        _method("mocov2", bn_splits=0)
+
+
 def test_mocov3_loss_is_symmetric_contrastive_scaled_by_2t():
     method = _method("mocov3", temperature=T)
     v1, v2 = _views()
@@ -238,7 +288,7 @@ def _simclr_and_mocov2_step(rank: int, world: int, state: dict) -> dict:
     loss, _ = ddp(mine)
     loss.backward()
     out["simclr"] = (loss.detach(), _grads(simclr))
-    moco = _method("mocov2", seed=99)
+    moco = _method("mocov2", seed=99, bn_splits=2)  # 2 ranks x 2 parts: the keys shuffle over 4 parts
     moco.load_state_dict(state)
     out["queue_loaded"] = moco.queue.clone()
     moco.eval()

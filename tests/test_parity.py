@@ -181,7 +181,9 @@ def test_independent_loss_and_gradients_equal_fastssls_from_the_same_weights(met
     s, theirs, ours = _fastssl_and_independent(method, tmp_path, **HEADS[method])
     gen = torch.Generator().manual_seed(1)
     views = [torch.randn(8, 3, v.size, v.size, generator=gen) for v in s.views]
+    torch.manual_seed(3)  # MoCo v2's Shuffle-BN draws one permutation on each side: the same one
     loss_theirs, _ = theirs([v.clone() for v in views])
+    torch.manual_seed(3)
     loss_ours = ours.loss(views)
     assert loss_theirs.item() == pytest.approx(loss_ours.item(), rel=1e-5)
     loss_theirs.backward()
@@ -222,7 +224,8 @@ def test_setting_changes_both_sides_and_refuses_what_it_cannot_set(tmp_path):
     ov = parity.fastssl_overrides(s, args, tmp_path / "run")
     assert {"method.sinkhorn_eps=0.05", "method.n_prototypes=100", "optim.final_lr=0.03"} <= set(ov)
     assert parity.build_independent(s).prototypes.weight.shape[0] == 100
-    for bad, says in (("heads.nope=1", "the keys are lr, weight_decay, momentum and heads.NAME"),
+    for bad, says in (("heads.nope=1", "the keys are lr, weight_decay, momentum, heads.NAME"),
+                      ("view.scale=0.5", "view.NAME with NAME one of size, flip_p"), ("view.hue=strong", "hue is a"),
                       ("width=8", "the keys are"), ("heads.n_prototypes=2.5", "n_prototypes is a int"),
                       ("heads.sinkhorn_eps=small", "sinkhorn_eps is a float"), ("lr", "lr is a float"),
                       ("heads.pred_last_bn=1", "the keys are")):
@@ -232,6 +235,15 @@ def test_setting_changes_both_sides_and_refuses_what_it_cannot_set(tmp_path):
         parity.apply_settings(parity.SETTINGS["mocov3"](), ["heads.pred_last_bn=1"])
     assert parity.apply_settings(parity.SETTINGS["mocov3"](), ["heads.pred_last_bn=false"]).heads["pred_last_bn"] \
         is False
+    # view.NAME: every view and fastssl's data.aug alike, so the run's check of the two sides' views passes.
+    from fastssl.config import load_config
+
+    s = parity.apply_settings(parity.SETTINGS["mocov2"](), ["view.brightness=0.8", "view.hue=0.2"])
+    assert [(v.brightness, v.hue, v.contrast) for v in s.views] == [(0.8, 0.2, 0.4)] * 2
+    ov = parity.fastssl_overrides(s, args, tmp_path / "run")
+    assert {"data.aug.brightness=0.8", "data.aug.hue=0.2"} <= set(ov)
+    parity.check_same_views(s, load_config(s.recipe, ov))
+    assert parity.SETTINGS["mocov2"]().views[0].brightness == 0.4  # the defaults untouched
 
 
 def test_swav_settings_cut_milder_local_crops_than_globals_on_both_sides(tmp_path):
