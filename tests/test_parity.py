@@ -424,6 +424,68 @@ def test_fastssl_mocov3_steps_equal_the_independent_steps_from_the_same_weights(
             assert _rel(mine[name] - t0, theirs[name] - t0) < 1e-3, (step, name)
 
 
+def test_fastssl_mocov2_steps_equal_the_independent_steps_from_the_same_weights(tiny_gray_dataset, tmp_path):
+    """As the MoCo v3 test, for MoCo v2 with its queue and Shuffle-BN (the settings' 4 parts; one process): from the
+    same weights, queue and views, and the same permutation drawn on each side, four steps of fastssl's Trainer and
+    of the independent loop give the same loss, gradients, query weights, key-encoder weights and queue. A key
+    normalized with its query's part, a queue written a step late or at another row, or the momentum update before
+    the optimizer step breaks it. float64 and lr 0.006, as the MoCo v3 test says why."""
+    from fastssl.config import load_config
+    from fastssl.engine.trainer import Trainer
+
+    s = parity.SETTINGS["mocov2"]()
+    assert s.heads["bn_splits"] == 4
+    s.width, s.batch, s.lr = 4, 16, 0.006
+    s.heads.update(proj_hidden=32, proj_dim=16, queue_size=40)  # 2.5 batches: the ring wraps mid-batch at step 2
+    args = _run_args(tiny_gray_dataset, "train.channels_last=false", "data.num_workers=0")
+    cfg = load_config(s.recipe, parity.fastssl_overrides(s, args, tmp_path / "run"))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        trainer = Trainer(cfg)
+        trainer._setup()
+        ours = parity.build_independent(s)
+    finally:
+        torch.set_default_dtype(default)
+    parity.copy_weights(ours, trainer.method.state_dict())
+    ours.queue = ours.queue.float()  # its fp32 loss (float64 default dtype made it float64)
+    torch.testing.assert_close(ours.queue, trainer.method.queue.float())
+    opt = torch.optim.SGD(parity.param_groups(ours, s.weight_decay, False), lr=s.lr, momentum=s.momentum)
+    start = {n: t.clone() for n, t in ours.state_dict().items()
+             if n.startswith("key_") and n.endswith(("weight", "bias"))}
+    assert len(start) > 40
+    gen = torch.Generator().manual_seed(3)
+    for step in range(4):
+        views = [torch.rand(s.batch, 3, 32, 32, generator=gen, dtype=torch.float64) * 2 - 1 for _ in range(2)]
+        trainer.step = step
+        torch.manual_seed(100 + step)
+        loss_fastssl, _ = trainer._train_step([v.clone() for v in views])
+        torch.manual_seed(100 + step)
+        loss_ours = ours.loss(views)
+        opt.zero_grad(set_to_none=True)
+        loss_ours.backward()
+        opt.step()
+        ours.after_step(step, trainer.total_steps)
+        assert loss_fastssl.item() == pytest.approx(loss_ours.item(), rel=1e-6)
+        grads = dict(ours.named_parameters())
+        compared = 0
+        for name, p in trainer.method.named_parameters():
+            if p.grad is None:
+                assert name.startswith("key_") and grads[name].grad is None
+                continue
+            assert _rel(p.grad, grads[name].grad) < 1e-4, (step, name, _rel(p.grad, grads[name].grad))
+            compared += 1
+        assert compared > 40
+        theirs, mine = ours.state_dict(), trainer.method.state_dict()
+        for name, t in mine.items():
+            if name in theirs and t.is_floating_point() and "running" not in name:
+                assert _rel(t, theirs[name]) < 1e-6, (step, name, _rel(t, theirs[name]))
+        assert int(mine["queue_ptr"]) == ours.ptr == (step + 1) * 16 % 40
+        assert _rel(mine["queue"].float(), ours.queue) < 1e-5, step
+        for name, t0 in start.items():  # (1 - m) of the query encoder's displacement per step, after the step
+            assert _rel(mine[name] - t0, theirs[name] - t0) < 1e-3, (step, name)
+
+
 def _fake_run(folder: Path, seed: int, fastssl: list[float], independent: list[float],
               changed: dict | None = None) -> Path:
     """A finished parity run's two JSON files; ``changed`` = {side: {key: value}} edits one side's record."""
