@@ -360,6 +360,70 @@ def test_fastssl_byol_steps_equal_the_independent_steps_from_the_same_weights(ti
                 assert _rel(t, theirs[name]) < 1e-4, (step, name, _rel(t, theirs[name]))
 
 
+def _float64_trainer_and_independent(s, data: Path, tmp_path: Path):
+    """fastssl's Trainer (set up, not fitted) and the independent model under ``s``, both in float64 from the same
+    weights, and the independent side's SGD: the multi-step equality tests' start."""
+    from fastssl.config import load_config
+    from fastssl.engine.trainer import Trainer
+
+    args = _run_args(data, "train.channels_last=false", "data.num_workers=0")
+    cfg = load_config(s.recipe, parity.fastssl_overrides(s, args, tmp_path / "run"))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        trainer = Trainer(cfg)
+        trainer._setup()
+        ours = parity.build_independent(s)
+    finally:
+        torch.set_default_dtype(default)
+    assert next(trainer.method.parameters()).dtype == torch.float64
+    parity.copy_weights(ours, trainer.method.state_dict())
+    opt = torch.optim.SGD(parity.param_groups(ours, s.weight_decay, False), lr=s.lr, momentum=s.momentum)
+    return trainer, ours, opt
+
+
+def _step_both(trainer, ours, opt, step: int, views: list[torch.Tensor], rng_seed: int | None = None) -> None:
+    """One step of fastssl's Trainer and one of the independent loop (as ``run_independent``) on ``views``; the
+    losses agree. ``rng_seed`` seeds the global RNG before each side (draws such as Shuffle-BN's permutation)."""
+    trainer.step = step
+    if rng_seed is not None:
+        torch.manual_seed(rng_seed)
+    loss_fastssl, _ = trainer._train_step([v.clone() for v in views])
+    if rng_seed is not None:
+        torch.manual_seed(rng_seed)
+    loss_ours = ours.loss(views)
+    opt.zero_grad(set_to_none=True)
+    loss_ours.backward()
+    if hasattr(ours, "before_update"):
+        ours.before_update(step)
+    opt.step()
+    ours.after_step(step, trainer.total_steps)
+    assert loss_fastssl.item() == pytest.approx(loss_ours.item(), rel=1e-6), step
+
+
+def _assert_same_gradients(trainer, ours, step: int, frozen_prefix: str) -> None:
+    """Every trained parameter's gradient agrees (over 40 of them); only ``frozen_prefix`` ones have none."""
+    grads = dict(ours.named_parameters())
+    compared = 0
+    for name, p in trainer.method.named_parameters():
+        if p.grad is None:
+            assert name.startswith(frozen_prefix) and grads[name].grad is None
+            continue
+        assert _rel(p.grad, grads[name].grad) < 1e-4, (step, name, _rel(p.grad, grads[name].grad))
+        compared += 1
+    assert compared > 40
+
+
+def _assert_same_weights(trainer, ours, step: int, skip: tuple[str, ...] = ("running",)) -> tuple[dict, dict]:
+    """Every floating-point state entry the two sides share agrees (names containing a ``skip`` part aside);
+    returns (fastssl's, the independent one's) state dicts."""
+    theirs, mine = ours.state_dict(), trainer.method.state_dict()
+    for name, t in mine.items():
+        if name in theirs and t.is_floating_point() and not any(part in name for part in skip):
+            assert _rel(t, theirs[name]) < 1e-6, (step, name, _rel(t, theirs[name]))
+    return mine, theirs
+
+
 def test_fastssl_mocov3_steps_equal_the_independent_steps_from_the_same_weights(tiny_gray_dataset, tmp_path):
     """As the BYOL test, for MoCo v3: fastssl's Trainer forwards both views in ONE batched forward whose BatchNorms
     normalize each view apart (fastssl.models.norm), the independent side once per view as the paper's code. From
@@ -371,53 +435,20 @@ def test_fastssl_mocov3_steps_equal_the_independent_steps_from_the_same_weights(
     fastssl's seed-0 draw carries 3e-4 of rounding in its first gradients, and SGD at lr 0.06 amplifies that
     ~50x a step (the independent code run in fp32 and in float64 parts by 2 % at step 2), which would hide a
     defect; in float64 the two sides agree to ~1e-6 over four steps."""
-    from fastssl.config import load_config
-    from fastssl.engine.trainer import Trainer
-
     s = parity.SETTINGS["mocov3"]()
     s.width, s.batch, s.lr = 4, 16, 0.006
     s.heads.update(proj_hidden=32, proj_dim=16, pred_hidden=32)
-    args = _run_args(tiny_gray_dataset, "train.channels_last=false", "data.num_workers=0")
-    cfg = load_config(s.recipe, parity.fastssl_overrides(s, args, tmp_path / "run"))
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        trainer = Trainer(cfg)
-        trainer._setup()
-        ours = parity.build_independent(s)
-    finally:
-        torch.set_default_dtype(default)
-    assert next(trainer.method.parameters()).dtype == torch.float64
+    trainer, ours, opt = _float64_trainer_and_independent(s, tiny_gray_dataset, tmp_path)
     assert trainer.total_steps == 6  # 96 images / 16: the cosine m rises from 0.99 by 1.7e-4 .. 2.5e-3 a step
-    parity.copy_weights(ours, trainer.method.state_dict())
-    opt = torch.optim.SGD(parity.param_groups(ours, s.weight_decay, False), lr=s.lr, momentum=s.momentum)
     start = {n: t.clone() for n, t in ours.state_dict().items()
              if n.startswith("momentum_") and n.endswith(("weight", "bias"))}
     assert len(start) > 40
     gen = torch.Generator().manual_seed(3)
     for step in range(4):
         views = [torch.rand(s.batch, 3, 32, 32, generator=gen, dtype=torch.float64) * 2 - 1 for _ in range(2)]
-        trainer.step = step
-        loss_fastssl, _ = trainer._train_step([v.clone() for v in views])
-        loss_ours = ours.loss(views)
-        opt.zero_grad(set_to_none=True)
-        loss_ours.backward()
-        opt.step()
-        ours.after_step(step, trainer.total_steps)
-        assert loss_fastssl.item() == pytest.approx(loss_ours.item(), rel=1e-6)
-        grads = dict(ours.named_parameters())
-        compared = 0
-        for name, p in trainer.method.named_parameters():
-            if p.grad is None:
-                assert name.startswith("momentum_") and grads[name].grad is None
-                continue
-            assert _rel(p.grad, grads[name].grad) < 1e-4, (step, name, _rel(p.grad, grads[name].grad))
-            compared += 1
-        assert compared > 40
-        theirs, mine = ours.state_dict(), trainer.method.state_dict()
-        for name, t in mine.items():
-            if name in theirs and t.is_floating_point() and "running" not in name:
-                assert _rel(t, theirs[name]) < 1e-6, (step, name, _rel(t, theirs[name]))
+        _step_both(trainer, ours, opt, step, views)
+        _assert_same_gradients(trainer, ours, step, "momentum_")
+        mine, theirs = _assert_same_weights(trainer, ours, step)
         # The momentum encoder's displacement from its start, (1 - m) of the online one's per step: an m a step late
         # (1 - m off by 7 % at step 0 of 6) or a missing update fails here.
         for name, t0 in start.items():
@@ -430,56 +461,22 @@ def test_fastssl_mocov2_steps_equal_the_independent_steps_from_the_same_weights(
     of the independent loop give the same loss, gradients, query weights, key-encoder weights and queue. A key
     normalized with its query's part, a queue written a step late or at another row, or the momentum update before
     the optimizer step breaks it. float64 and lr 0.006, as the MoCo v3 test says why."""
-    from fastssl.config import load_config
-    from fastssl.engine.trainer import Trainer
-
     s = parity.SETTINGS["mocov2"]()
     assert s.heads["bn_splits"] == 4
     s.width, s.batch, s.lr = 4, 16, 0.006
     s.heads.update(proj_hidden=32, proj_dim=16, queue_size=40)  # 2.5 batches: the ring wraps mid-batch at step 2
-    args = _run_args(tiny_gray_dataset, "train.channels_last=false", "data.num_workers=0")
-    cfg = load_config(s.recipe, parity.fastssl_overrides(s, args, tmp_path / "run"))
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        trainer = Trainer(cfg)
-        trainer._setup()
-        ours = parity.build_independent(s)
-    finally:
-        torch.set_default_dtype(default)
-    parity.copy_weights(ours, trainer.method.state_dict())
+    trainer, ours, opt = _float64_trainer_and_independent(s, tiny_gray_dataset, tmp_path)
     ours.queue = ours.queue.float()  # its fp32 loss (float64 default dtype made it float64)
     torch.testing.assert_close(ours.queue, trainer.method.queue.float())
-    opt = torch.optim.SGD(parity.param_groups(ours, s.weight_decay, False), lr=s.lr, momentum=s.momentum)
     start = {n: t.clone() for n, t in ours.state_dict().items()
              if n.startswith("key_") and n.endswith(("weight", "bias"))}
     assert len(start) > 40
     gen = torch.Generator().manual_seed(3)
     for step in range(4):
         views = [torch.rand(s.batch, 3, 32, 32, generator=gen, dtype=torch.float64) * 2 - 1 for _ in range(2)]
-        trainer.step = step
-        torch.manual_seed(100 + step)
-        loss_fastssl, _ = trainer._train_step([v.clone() for v in views])
-        torch.manual_seed(100 + step)
-        loss_ours = ours.loss(views)
-        opt.zero_grad(set_to_none=True)
-        loss_ours.backward()
-        opt.step()
-        ours.after_step(step, trainer.total_steps)
-        assert loss_fastssl.item() == pytest.approx(loss_ours.item(), rel=1e-6)
-        grads = dict(ours.named_parameters())
-        compared = 0
-        for name, p in trainer.method.named_parameters():
-            if p.grad is None:
-                assert name.startswith("key_") and grads[name].grad is None
-                continue
-            assert _rel(p.grad, grads[name].grad) < 1e-4, (step, name, _rel(p.grad, grads[name].grad))
-            compared += 1
-        assert compared > 40
-        theirs, mine = ours.state_dict(), trainer.method.state_dict()
-        for name, t in mine.items():
-            if name in theirs and t.is_floating_point() and "running" not in name:
-                assert _rel(t, theirs[name]) < 1e-6, (step, name, _rel(t, theirs[name]))
+        _step_both(trainer, ours, opt, step, views, rng_seed=100 + step)
+        _assert_same_gradients(trainer, ours, step, "key_")
+        mine, theirs = _assert_same_weights(trainer, ours, step)
         assert int(mine["queue_ptr"]) == ours.ptr == (step + 1) * 16 % 40
         assert _rel(mine["queue"].float(), ours.queue) < 1e-5, step
         for name, t0 in start.items():  # (1 - m) of the query encoder's displacement per step, after the step
@@ -491,44 +488,19 @@ def test_fastssl_swav_steps_equal_the_independent_steps_from_the_same_weights(ti
     frozen (the first epoch, where fastssl leads the independent side by 1.8 kNN points on three seeds), then two
     after they unfreeze; loss, gradients, weights and prototypes agree from the same weights and views. A frozen
     prototype that still moves (decay, momentum), a missed renormalization or codes from another crop break it."""
-    from fastssl.config import load_config
-    from fastssl.engine.trainer import Trainer
-
     s = parity.SETTINGS["swav"]()
     s.width, s.batch, s.lr = 4, 16, 0.006
     s.heads.update(proj_hidden=32, proj_dim=16, n_prototypes=10, freeze_prototypes_epochs=4 / 6)
-    args = _run_args(tiny_gray_dataset, "train.channels_last=false", "data.num_workers=0")
-    cfg = load_config(s.recipe, parity.fastssl_overrides(s, args, tmp_path / "run"))
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        trainer = Trainer(cfg)
-        trainer._setup()
-        ours = parity.build_independent(s)
-    finally:
-        torch.set_default_dtype(default)
+    trainer, ours, opt = _float64_trainer_and_independent(s, tiny_gray_dataset, tmp_path)
     assert trainer.total_steps == 6
     trainer.method.on_train_start(trainer.steps_per_epoch, trainer.total_steps)  # as fit() does
     ours.steps_per_epoch = trainer.total_steps  # one epoch: frozen for steps 0-3
-    parity.copy_weights(ours, trainer.method.state_dict())
-    opt = torch.optim.SGD(parity.param_groups(ours, s.weight_decay, False), lr=s.lr, momentum=s.momentum)
     start = ours.prototypes.weight.detach().clone()
     gen = torch.Generator().manual_seed(3)
     for step in range(6):
         views = [torch.rand(s.batch, 3, v.size, v.size, generator=gen, dtype=torch.float64) * 2 - 1 for v in s.views]
-        trainer.step = step
-        loss_fastssl, _ = trainer._train_step([v.clone() for v in views])
-        loss_ours = ours.loss(views)
-        opt.zero_grad(set_to_none=True)
-        loss_ours.backward()
-        ours.before_update(step)
-        opt.step()
-        ours.after_step(step, trainer.total_steps)
-        assert loss_fastssl.item() == pytest.approx(loss_ours.item(), rel=1e-6), step
-        theirs, mine = ours.state_dict(), trainer.method.state_dict()
-        for name, t in mine.items():
-            if name in theirs and t.is_floating_point() and "running" not in name and "queue" not in name:
-                assert _rel(t, theirs[name]) < 1e-6, (step, name, _rel(t, theirs[name]))
+        _step_both(trainer, ours, opt, step, views)
+        _assert_same_weights(trainer, ours, step, skip=("running", "queue"))
         moved = float((ours.prototypes.weight.detach() - start).norm())
         assert (moved < 1e-12) == (step < 4), (step, moved)  # frozen (up to renormalizing) while the schedule says
 
