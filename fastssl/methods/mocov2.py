@@ -124,7 +124,7 @@ class MoCoV2(SSLMethod):
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> None:
         """Momentum update of the key encoder, then enqueue this step's keys (Algorithm 1 of MoCo)."""
-        if not self._warned and self.bn_splits * rank_and_world_size()[1] == 1:
+        if self.bn_splits == 1 and not self._warned and rank_and_world_size()[1] == 1:
             self._warned = True
             warnings.warn("MoCo v2 on one process with method.bn_splits=1: Shuffle-BN has no other part of the batch "
                           "to shuffle the keys into, so BatchNorm statistics tell the positive key apart (MoCo "
