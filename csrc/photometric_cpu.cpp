@@ -6,7 +6,7 @@
 // small enough to stay in L1: a strip is loaded once (any input strides), every op runs over it as a plain
 // loop over float arrays (vectorized by the compiler), and it is written once, normalized and interleaved.
 // Two things are not pointwise:
-//  * contrast blends with the image's mean luma at its place in the order: a first pass over the strips
+//  * contrast blends with the image's mean luma at its place in the image's order: a first pass over the strips
 //    applies the ops before contrast and sums the luma (the second pass recomputes them rather than keeping
 //    the image in a buffer);
 //  * Gaussian blur: strips of images that blur go through the horizontal pass into a per-thread image
@@ -221,7 +221,7 @@ struct Job {
   const float* factors;  // (B, 4): brightness, contrast, saturation, hue shift
   const int32_t* flags;  // (B,) bits: gray 1, blur 2, solarize 4
   const float* sigma;    // (B,)
-  std::vector<int64_t> order;  // the jitter ops to run, in order
+  const int64_t* order;  // (B, 4): each image's permutation of the jitter ops
   int64_t kernel;
   bool reflect;  // blur padding: reflect where pad < min(H, W), else replicate (as torch's path)
   float scale[3], bias[3];
@@ -249,9 +249,14 @@ class Worker {
     const int32_t flags = j.flags[img];
     const int64_t h = j.height, w = j.width, n_pix = h * w;
     if (n_pix == 0) return;
-    const auto& order = j.order;
-    const int64_t n_ops = static_cast<int64_t>(order.size());
-    const int64_t c_pos = std::find(order.begin(), order.end(), kContrast) - order.begin();
+    // The image's order, less the ops its factors make identities (exact no-ops), as the torch path skips them.
+    int64_t order[4];
+    int64_t n_ops = 0;
+    for (int64_t k = 0; k < 4; ++k) {
+      const int64_t op = j.order[4 * img + k];
+      if (fac[op] != (op == kHue ? 0.0f : 1.0f)) order[n_ops++] = op;
+    }
+    const int64_t c_pos = std::find(order, order + n_ops, kContrast) - order;
 
     // Contrast's mean luma after the ops before it (skipped at factor 1: the blend is then exact identity).
     float contrast_term = 0.0f;
@@ -410,7 +415,7 @@ void check_cpu(const at::Tensor& t, at::ScalarType dtype, int64_t numel, const c
 }  // namespace
 
 // See pipelines/photometric.py (_apply_cpp) for the arguments.
-at::Tensor photometric_cpu(const at::Tensor& x, const at::Tensor& factors, std::vector<int64_t> order,
+at::Tensor photometric_cpu(const at::Tensor& x, const at::Tensor& factors, const at::Tensor& order,
                            const at::Tensor& flags, const at::Tensor& sigma, int64_t kernel,
                            const at::Tensor& scale, const at::Tensor& bias) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.size(1) == 3,
@@ -423,7 +428,16 @@ at::Tensor photometric_cpu(const at::Tensor& x, const at::Tensor& factors, std::
   check_cpu(sigma, at::kFloat, batch, "sigma");
   check_cpu(scale, at::kFloat, 3, "scale");
   check_cpu(bias, at::kFloat, 3, "bias");
-  for (int64_t op : order) TORCH_CHECK(op >= 0 && op < 4, "photometric_cpu: jitter ops are 0..3");
+  check_cpu(order, at::kLong, 4 * batch, "order");
+  for (int64_t i = 0; i < batch; ++i) {
+    int seen = 0;
+    for (int64_t k = 0; k < 4; ++k) {
+      const int64_t op = order.data_ptr<int64_t>()[4 * i + k];
+      TORCH_CHECK(op >= 0 && op < 4, "photometric_cpu: jitter ops are 0..3");
+      seen |= 1 << op;
+    }
+    TORCH_CHECK(seen == 15, "photometric_cpu: each image's order must be a permutation of 0..3");
+  }
   TORCH_CHECK(kernel >= 1 && kernel % 2 == 1, "photometric_cpu: the blur kernel size must be odd");
 
   at::Tensor out = at::empty({batch, 3, h, w}, x.options().dtype(at::kFloat), at::MemoryFormat::ChannelsLast);
@@ -438,7 +452,7 @@ at::Tensor photometric_cpu(const at::Tensor& x, const at::Tensor& factors, std::
   job.factors = factors.data_ptr<float>();
   job.flags = flags.data_ptr<int32_t>();
   job.sigma = sigma.data_ptr<float>();
-  job.order = std::move(order);
+  job.order = order.data_ptr<int64_t>();
   job.kernel = kernel;
   job.reflect = kernel / 2 < std::min(h, w);
   for (int c = 0; c < 3; ++c) {

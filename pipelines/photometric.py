@@ -11,10 +11,11 @@ Distributions follow torchvision (``ColorJitter``, ``RandomGrayscale``, ``Gaussi
 ``RandomSolarize``) per image:
 
 * colour jitter fires with ``jitter_p``; factors are uniform in ``[max(0, 1 - x), 1 + x]`` for
-  brightness/contrast/saturation and the hue shift uniform in ``[-hue, hue]``. torchvision draws a
-  random order of the four ops per image; we draw one random order per batch (per view). Each
-  image's order is still uniform over the 24 permutations and independent of its factors, so every
-  image's marginal distribution is exactly torchvision's, while the batch runs each op once.
+  brightness/contrast/saturation and the hue shift uniform in ``[-hue, hue]``. The order of the four
+  ops is drawn per image, uniform over the 24 permutations, as torchvision does. (An earlier version
+  drew one order per batch: each image's marginal was still torchvision's, but every image of a step
+  shared the order, and MoCo v2, whose negatives come from other steps through its queue, learned
+  several points less with it; BENCHMARKS.md, issue 26.)
 * grayscale (ITU-R 601 luma, as torchvision) fires with ``gray_p``.
 * Gaussian blur fires with ``blur_p``; sigma uniform in ``blur_sigma``; kernel ~10% of the view
   size, made odd (BYOL: 23 px at 224), reflect padding, separable per-image kernels (grouped conv).
@@ -41,7 +42,7 @@ JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 # ITU-R 601-2 luma, the weights torchvision's rgb_to_grayscale uses.
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 
-Params = dict  # str -> (B,) CPU tensor, plus "order": list[int]
+Params = dict  # str -> (B,) CPU tensor, plus "order": (B, 4) CPU int64 tensor
 
 
 def blur_kernel_size(size: int) -> int:
@@ -56,11 +57,13 @@ def sample_photometric_params(view: ViewSpec, batch: int, generator: torch.Gener
     Returns a dict of CPU tensors, each (batch,): ``jitter``, ``gray``, ``blur``, ``solarize``
     (bool: whether the op fires), ``brightness``, ``contrast``, ``saturation`` (float32 factors),
     ``hue`` (float32 shift, fraction of a turn), ``sigma`` (float32 blur sigma); and ``order``
-    (list of the 4 jitter op indices, see ``JITTER_OPS``). Factors are drawn for every image; they
-    only act where their op fires. ``generator`` must be a CPU generator (or None: the global one).
+    (int64 (batch, 4): each image's permutation of the 4 jitter op indices, see ``JITTER_OPS``).
+    Factors are drawn for every image; they only act where their op fires. ``generator`` must be a
+    CPU generator (or None: the global one).
     """
     u = torch.rand(batch, 9, generator=generator)
-    order = torch.randperm(4, generator=generator).tolist()
+    # argsort of 4 i.i.d. uniforms: a uniform random permutation per image (ties have probability ~0).
+    order = torch.rand(batch, 4, generator=generator).argsort(dim=1)
 
     def factor(col: int, strength: float) -> torch.Tensor:
         lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
@@ -79,6 +82,24 @@ def sample_photometric_params(view: ViewSpec, batch: int, generator: torch.Gener
         "sigma": s_lo + (s_hi - s_lo) * u[:, 7],
         "solarize": u[:, 8] < view.solarize_p,
     }
+
+
+def jitter_order(params: Params, batch: int) -> torch.Tensor:
+    """``params["order"]`` as an int64 (batch, 4) CPU tensor, one permutation of 0..3 per image.
+
+    Also accepts one order for the whole batch (a list or a (4,) tensor, e.g. forced in a test), which
+    it repeats per image. A row that is not a permutation of 0..3 is an error naming it.
+    """
+    order = torch.as_tensor(params["order"], dtype=torch.int64).cpu()
+    if order.shape == (4,):
+        order = order.expand(batch, 4)
+    if order.shape != (batch, 4):
+        raise ValueError(f'params["order"] must be ({batch}, 4) (or one order of 4), got {tuple(order.shape)}')
+    bad = (order.sort(dim=1).values != torch.arange(4)).any(dim=1)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f'params["order"] row {i} is {order[i].tolist()}, not a permutation of 0..3')
+    return order.contiguous()
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -227,19 +248,24 @@ def apply_photometric(
         # One host-to-device copy for all per-image factors.
         packed = torch.stack([eff[k] for k in JITTER_OPS], 1).to(device, non_blocking=True)
         dev = {k: packed[:, i].view(batch, 1, 1, 1) for i, k in enumerate(JITTER_OPS)}
-        for op in params["order"]:
-            name = JITTER_OPS[op]
-            if not active[name]:
-                continue
-            if name == "brightness":
-                x.mul_(dev[name]).clamp_(0.0, 1.0)
-            elif name == "contrast":
-                _blend_(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), dev[name])
-            elif name == "saturation":
-                _blend_(x, _gray(x), dev[name])
-            else:
-                shift = dev[name].view(batch, 1, 1)
-                x = _on_subset(x, eff[name] != 0.0, lambda xs, i, s=shift: _shift_hue(xs, s[i]))
+        order = jitter_order(params, batch)
+        # Each image runs its own order: at each of the 4 positions, every op runs on the images that have it
+        # there (and move away from identity), a subset chosen on the CPU.
+        for pos in range(4):
+            for op, name in enumerate(JITTER_OPS):
+                if not active[name]:
+                    continue
+                mask = (order[:, pos] == op) & (eff[name] != ident[name])
+                if name == "brightness":
+                    x = _on_subset(x, mask, lambda xs, i, f=dev[name]: xs.mul_(f[i]).clamp_(0.0, 1.0))
+                elif name == "contrast":
+                    x = _on_subset(x, mask, lambda xs, i, f=dev[name]: _blend_(
+                        xs, _gray(xs).mean(dim=(1, 2, 3), keepdim=True), f[i]))
+                elif name == "saturation":
+                    x = _on_subset(x, mask, lambda xs, i, f=dev[name]: _blend_(xs, _gray(xs), f[i]))
+                else:
+                    shift = dev[name].view(batch, 1, 1)
+                    x = _on_subset(x, mask, lambda xs, i, s=shift: _shift_hue(xs, s[i]))
 
     if colour:
         x = _on_subset(x, params["gray"].bool(), lambda xs, i: _gray(xs).expand_as(xs).contiguous())
@@ -333,8 +359,9 @@ def _apply_fused(x: torch.Tensor, params: Params, scale: torch.Tensor, bias: tor
     flags = params["gray"].bool().int() + 2 * blur.int() + 4 * solarize.int()
     packed = torch.cat([factors.reshape(-1), flags.float()]).to(device, non_blocking=True)
     out = photometric_triton.fused_chain(
-        x, list(params["order"]), packed[: 4 * batch].view(batch, 4), packed[4 * batch:].to(torch.int32),
-        scale.reshape(3), bias.reshape(3), has_hue=bool((factors[:, 3] != 0).any()))
+        x, jitter_order(params, batch), packed[: 4 * batch].view(batch, 4), packed[4 * batch:].to(torch.int32),
+        scale.reshape(3), bias.reshape(3), has_hue=bool((factors[:, 3] != 0).any()),
+        has_contrast=bool((factors[:, 1] != 1).any()))
     if blur.any():
         kernel = blur_kernel_size(x.shape[-1])
         sigma = params["sigma"].float().to(device, non_blocking=True)
@@ -358,9 +385,8 @@ def _apply_cpp(x: torch.Tensor, params: Params, scale: torch.Tensor, bias: torch
     jitter = params["jitter"].bool()
     ident = torch.tensor([1.0, 1.0, 1.0, 0.0])
     factors = torch.where(jitter[:, None], torch.stack([params[k].float() for k in JITTER_OPS], 1), ident)
-    # The ops the torch path runs: those some image moves away from identity, in the batch's order.
-    active = (factors != ident).any(0).tolist()
-    order = [op for op in params["order"] if active[op]]
+    # Each image's order; the kernel skips an op where the image's factor is the identity, as the torch path does.
+    order = jitter_order(params, x.shape[0])
     flags = params["gray"].bool().int() + 2 * params["blur"].bool().int() + 4 * params["solarize"].bool().int()
     return module.photometric(x, factors.contiguous(), order, flags.to(torch.int32),
                               params["sigma"].float().contiguous(), blur_kernel_size(x.shape[-1]),

@@ -1,11 +1,11 @@
 """The photometric stage's pointwise chain fused into one Triton kernel (CUDA; CPU under TRITON_INTERPRET=1).
 
 One view of a batch: uint8 or float crops in, normalized float32 channels-last out. Per pixel, in one
-read and one write: the colour-jitter ops in the batch's order (brightness, contrast, saturation, hue
+read and one write: the colour-jitter ops in each image's order (brightness, contrast, saturation, hue
 with each image's factors; identity where jitter does not fire), grayscale, solarize and the
 normalization. Two things are not pointwise:
 
-* contrast blends with the image's mean luma *at its place in the order*: a first kernel computes that
+* contrast blends with the image's mean luma *at its place in the image's order*: a first kernel computes that
   mean per image (one program per image, a fixed summation order: deterministic), applying the ops that
   precede contrast on the fly;
 * Gaussian blur sits between grayscale and solarize: images that blur leave the kernel at that point
@@ -51,9 +51,9 @@ def _clamp01(x):
 
 @triton.jit
 def _jitter(r, g, b, img, order_ptr, n_ops, fac_ptr, mean_ptr, has_hue):
-    """The first ``n_ops`` ops of the batch's jitter order on pixels of image ``img``."""
+    """The first ``n_ops`` ops of image ``img``'s jitter order (row ``img`` of the (B, 4) orders) on its pixels."""
     for i in range(n_ops):
-        op = tl.load(order_ptr + i)
+        op = tl.load(order_ptr + img * 4 + i)
         f = tl.load(fac_ptr + img * 4 + op)
         if op == 0:  # brightness
             r, g, b = _clamp01(r * f), _clamp01(g * f), _clamp01(b * f)
@@ -82,10 +82,11 @@ def _load_rgb(x_ptr, img, pix, mask, width, s_b, s_c, s_h, s_w, IS_UINT8: tl.con
 
 
 @triton.jit
-def _mean_kernel(x_ptr, mean_ptr, order_ptr, n_before, fac_ptr, n_pix, width, s_b, s_c, s_h, s_w, has_hue,
+def _mean_kernel(x_ptr, mean_ptr, order_ptr, cpos_ptr, fac_ptr, n_pix, width, s_b, s_c, s_h, s_w, has_hue,
                  IS_UINT8: tl.constexpr, BLOCK: tl.constexpr):
-    """Mean luma of each image after the jitter ops that precede contrast (one program per image)."""
+    """Mean luma of each image after the jitter ops that precede contrast in its order (one program per image)."""
     img = tl.program_id(0)
+    n_before = tl.load(cpos_ptr + img)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for p0 in range(0, n_pix, BLOCK):
         pix = p0 + tl.arange(0, BLOCK)
@@ -129,11 +130,13 @@ INTERPRETED = not isinstance(_chain_kernel, triton.runtime.JITFunction)
 BLOCK = 1024
 
 
-def fused_chain(x: torch.Tensor, order: list[int], factors: torch.Tensor, flags: torch.Tensor,
-                scale: torch.Tensor, bias: torch.Tensor, has_hue: bool) -> torch.Tensor:
-    """Run the fused chain. x: (B, 3, H, W) uint8 or float32, any strides; factors: (B, 4) effective
+def fused_chain(x: torch.Tensor, order: torch.Tensor, factors: torch.Tensor, flags: torch.Tensor,
+                scale: torch.Tensor, bias: torch.Tensor, has_hue: bool, has_contrast: bool = True) -> torch.Tensor:
+    """Run the fused chain. x: (B, 3, H, W) uint8 or float32, any strides; order: (B, 4) CPU int64, each image's
+    permutation of the jitter ops (``pipelines.photometric.jitter_order``); factors: (B, 4) effective
     brightness/contrast/saturation/hue (identity where jitter does not fire); flags: (B,) int32 bits
-    gray=1, blur=2, solarize=4; scale, bias: (3,) normalization. All on x's device.
+    gray=1, blur=2, solarize=4; scale, bias: (3,) normalization: all on x's device. has_hue / has_contrast:
+    whether some image's hue shift is non-zero / contrast factor is not 1 (else those ops are skipped).
 
     Returns float32 (B, 3, H, W) channels-last: normalized, except images flagged blur, which hold their
     [0, 1] values after jitter and grayscale.
@@ -147,12 +150,15 @@ def fused_chain(x: torch.Tensor, order: list[int], factors: torch.Tensor, flags:
     out = torch.empty((n_b, 3, height, width), device=dev, dtype=torch.float32, memory_format=torch.channels_last)
     if n_b == 0:
         return out
-    order_t = torch.tensor(order, dtype=torch.int32).to(dev, non_blocking=True)
+    # Each image's order and the position of contrast in it, in one host-to-device copy.
+    cpos = (order == 1).int().argmax(dim=1, keepdim=True)
+    order_cpos = torch.cat([order.int(), cpos.int()], dim=1).to(dev, non_blocking=True)
+    order_t, cpos_t = order_cpos[:, :4].contiguous(), order_cpos[:, 4].contiguous()
     norm = torch.cat([scale.reshape(3), bias.reshape(3)]).to(dev, torch.float32)
     means = torch.zeros(n_b, device=dev, dtype=torch.float32)
     strides = x.stride()
-    if 1 in order:  # contrast's mean luma, after the ops that come before it
-        _mean_kernel[(n_b,)](x, means, order_t, order.index(1), factors, n_pix, width, *strides, has_hue,
+    if has_contrast:  # contrast's mean luma, after the ops that come before it in each image's order
+        _mean_kernel[(n_b,)](x, means, order_t, cpos_t, factors, n_pix, width, *strides, has_hue,
                              IS_UINT8=is_uint8, BLOCK=BLOCK)
     _chain_kernel[(n_b, triton.cdiv(n_pix, BLOCK))](x, out, order_t, factors, means, flags, norm, n_pix, width,
                                                    *strides, has_hue, IS_UINT8=is_uint8, BLOCK=BLOCK)

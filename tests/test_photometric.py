@@ -142,6 +142,46 @@ def test_solarize_matches_torchvision():
     torch.testing.assert_close(out, TF.solarize(x.float() / 255, 0.5), atol=1e-6, rtol=0)
 
 
+def test_each_image_runs_its_own_jitter_order_as_torchvision():
+    b = 24
+    x = _images(b, 16, seed=7)
+    view = ViewSpec(16, jitter_p=1.0, brightness=0.6, contrast=0.6, saturation=0.6, hue=0.3, gray_p=0)
+    params = _params(view, b, jitter=_on(b))
+    order = params["order"]
+    assert order.shape == (b, 4) and len({tuple(r) for r in order.tolist()}) > 10  # many orders in one batch
+    out = apply_photometric(x, view, ZERO, ONE, params=params)
+    for i in range(b):
+        ref = x[i].float() / 255
+        for op in order[i].tolist():
+            ref = JITTER_FNS[op](ref, float(params[JITTER_KEYS[op]][i]))
+        torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
+
+
+def test_gray_input_runs_each_images_order_of_brightness_and_contrast():
+    # On (B, 1) input only brightness and contrast act; their order per image still matters (clamping).
+    b = 8
+    x = _images(b, 12, seed=3)[:, :1]
+    view = ViewSpec(12, jitter_p=1.0, brightness=0.8, contrast=0.8, saturation=0.0, hue=0.0, gray_p=0)
+    params = _params(view, b, jitter=_on(b))
+    params["order"] = torch.tensor([[0, 1, 2, 3], [1, 0, 2, 3]] * (b // 2))
+    out = apply_photometric(x, view, ZERO, ONE, params=params)
+    for i in range(b):
+        ref = x[i].float().expand(3, -1, -1) / 255
+        for op in params["order"][i].tolist():
+            ref = JITTER_FNS[op](ref, float(params[JITTER_KEYS[op]][i]))
+        torch.testing.assert_close(out[i], ref, atol=1e-4, rtol=0)
+
+
+def test_a_bad_order_is_an_error_naming_the_row():
+    params = _params(ViewSpec(8), 3)
+    params["order"] = torch.tensor([[0, 1, 2, 3], [0, 0, 2, 3], [3, 2, 1, 0]])
+    with pytest.raises(ValueError, match="row 1"):
+        apply_photometric(_images(3, 8), ViewSpec(8, jitter_p=1.0), MEAN, STD, params=params)
+    params["order"] = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"\(3, 4\)"):
+        apply_photometric(_images(3, 8), ViewSpec(8, jitter_p=1.0), MEAN, STD, params=params)
+
+
 def test_full_chain_matches_torchvision_with_forced_decisions():
     b = 4
     x = _images(b, 32)
@@ -151,7 +191,7 @@ def test_full_chain_matches_torchvision_with_forced_decisions():
     out = apply_photometric(x, view, MEAN, STD, params=params)
     for i in range(b):
         ref = x[i].float() / 255
-        for op in params["order"]:
+        for op in params["order"][i].tolist():
             ref = JITTER_FNS[op](ref, float(params[JITTER_KEYS[op]][i]))
         if params["gray"][i]:
             ref = TF.rgb_to_grayscale(ref, num_output_channels=3)
@@ -175,17 +215,22 @@ def test_decision_rates_and_factor_ranges_follow_the_view():
         values = p[key].double().numpy()
         assert values.min() >= lo and values.max() <= hi, key
         assert stats.kstest(values, stats.uniform(lo, hi - lo).cdf).pvalue > 0.01, key
-    assert sorted(p["order"]) == [0, 1, 2, 3]
+    assert p["order"].shape == (n, 4) and p["order"].dtype == torch.int64
+    assert torch.equal(p["order"].sort(dim=1).values, torch.arange(4).expand(n, 4))
 
 
-def test_batch_order_is_uniform_over_permutations():
-    g = torch.Generator().manual_seed(0)
-    counts: dict[tuple, int] = {}
-    for _ in range(2400):
-        order = tuple(sample_photometric_params(ViewSpec(8), 1, g)["order"])
-        counts[order] = counts.get(order, 0) + 1
+def test_each_images_order_is_uniform_over_permutations_and_independent_within_a_batch():
+    # torchvision draws the order per image: within one batch the 24 orders come up equally often, and
+    # two images' orders are independent (a per-batch order fails both).
+    p = sample_photometric_params(ViewSpec(8), 4800, torch.Generator().manual_seed(0))
+    codes = (p["order"] * torch.tensor([64, 16, 4, 1])).sum(1)  # one code per permutation
+    counts = torch.unique(codes, return_counts=True)[1]
     assert len(counts) == 24
-    assert stats.chisquare(list(counts.values())).pvalue > 0.01
+    assert stats.chisquare(counts.tolist()).pvalue > 0.01
+    first = p["order"][:, 0].view(2400, 2)  # (first op of image 2k, of image 2k + 1)
+    table = torch.zeros(4, 4)
+    table.index_put_((first[:, 0], first[:, 1]), torch.ones(2400), accumulate=True)
+    assert stats.chi2_contingency(table.numpy()).pvalue > 0.01
 
 
 def test_gray_rate_in_the_output_matches_gray_p():

@@ -69,6 +69,30 @@ def test_cpp_matches_torch_for_every_jitter_order(order, monkeypatch):
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
 
 
+def test_cpp_runs_each_images_own_order(monkeypatch):
+    # All 24 orders in one batch, each image with its own; mixed decisions (one image without jitter).
+    b = 24
+    params = _mixed(b, seed=11)
+    params["order"] = torch.tensor(list(itertools.permutations(range(4))))
+    out, ref = _both(_images(b, 9, 11, seed=4), EVERYTHING, params, monkeypatch)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    # and the order matters: the same images with the orders handed out in reverse come out different
+    params["order"] = params["order"].flip(0)
+    monkeypatch.setenv("FASTSSL_PHOTOMETRIC", "cpp")
+    other = apply_photometric(_images(b, 9, 11, seed=4), EVERYTHING, MEAN, STD, params=params)
+    assert (other - out).abs().amax() > 1e-2
+
+
+def test_cpp_refuses_an_order_that_is_not_a_permutation():
+    module = native.load_photometric_cpu()
+    x = _images(2, 4)
+    args = (torch.ones(2, 4), torch.zeros(2, dtype=torch.int32), torch.ones(2), 3, torch.ones(3), torch.zeros(3))
+    with pytest.raises(RuntimeError, match="permutation"):
+        module.photometric(x, args[0], torch.tensor([[0, 1, 2, 3], [0, 1, 1, 3]]), *args[1:])
+    with pytest.raises(RuntimeError, match="order"):
+        module.photometric(x, args[0], torch.tensor([0, 1, 2, 3]), *args[1:])
+
+
 @pytest.mark.parametrize("op", range(4))
 def test_each_jitter_op_alone_matches_torch(op, monkeypatch):
     b = 5

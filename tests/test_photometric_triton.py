@@ -52,6 +52,16 @@ def test_fused_chain_matches_torch_for_every_op_and_order(order, monkeypatch):
     torch.testing.assert_close(fused, ref, atol=2e-5, rtol=1e-5)
 
 
+def test_fused_chain_runs_each_images_own_order(monkeypatch):
+    b = 24
+    view = ViewSpec(8, jitter_p=1.0, brightness=0.5, contrast=0.5, saturation=0.5, hue=0.2, gray_p=0.2,
+                    blur_p=0.3, solarize_p=0.3)
+    params = sample_photometric_params(view, b, torch.Generator().manual_seed(5))
+    params["order"] = torch.tensor(list(itertools.permutations(range(4))))  # all 24, one per image
+    fused, ref = _both(_images(b, 8, 6, seed=6), view, params, monkeypatch)
+    torch.testing.assert_close(fused, ref, atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "float"])
 def test_fused_chain_reads_any_input_layout_and_dtype(layout, monkeypatch):
     view = ViewSpec(9, jitter_p=1.0, gray_p=0.5, blur_p=0.0, solarize_p=0.5)
