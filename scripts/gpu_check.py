@@ -23,6 +23,8 @@ budget; ``--dry-run`` runs each step's CPU-possible part here, see below):
                    worker, RAM-cache and device-decode modes) draw the spec's augmentation on the GPU
   kernels          6. scripts/bench_kernels.py: fused Triton losses against their eager twins
   optim            6. scripts/bench_optim.py: LARS paths (one fused CUDA launch vs loops) and the EMA update
+  photometric      6. scripts/bench_photometric.py: the Triton photometric chain against the torch path, SwAV
+                   views, batch 256, each image's own jitter order against one order per batch (its cost)
 
 Each step runs as its own process group with a time cap (killed when it runs past it) and its log in
 DIR/logs/. A step that fails or times out is recorded with the tail of its log, and the next one runs; a
@@ -151,6 +153,11 @@ def plan(out: Path, python: str = sys.executable, cores: int | None = None) -> l
         Step("optim", "6. LARS and EMA paths", [python, script("bench_optim.py"), "--device", "cuda",
                                                 "--json", str(out / "bench_optim.json")], 45,
              figures_from=str(out / "bench_optim.json"), dry={"--device": "cpu", "--repeats": "1", "--warmup": "0"}),
+        Step("photometric", "6. photometric stage: Triton chain vs torch path, per-image vs per-batch jitter order",
+             [python, script("bench_photometric.py"), "--recipe", "swav", "--batch", "256", "--device", "cuda",
+              "--order", "both", "--json", str(out / "bench_photometric.json")], 45,
+             figures_from=str(out / "bench_photometric.json"),
+             dry={"--device": "cpu", "--batch": "4", "--reps": "1", "--warmup": "0"}),
     ]
 
 
@@ -331,6 +338,9 @@ def _figures_of(name: str, data: dict) -> dict:
     if name == "kernels":
         return {f"{r['op']} {r['impl']}": f"{r['median_ms']:.3f} ms (x{r['x_vs_eager']})"
                 for r in data.get("results", []) if r["impl"] != "eager"}
+    if name == "photometric":
+        return {f"{r['path']} {r['order']} order": f"{r['img_s']:.0f} img/s (x{r['x_vs_torch']:.2f})"
+                for r in data.get("results", [])}
     if name == "optim":
         return {k: f"{v['median_s'] * 1e3:.2f} ms" for part in ("lars", "ema") for k, v in data.get(part, {}).items()}
     return {}

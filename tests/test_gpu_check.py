@@ -43,7 +43,7 @@ def test_steps_come_in_order_of_value_each_capped_within_a_15_minute_window(tmp_
     steps = gc.plan(tmp_path)
     assert [s.name for s in steps] == ["machine", "images", "convert", "loader", "train", "train_decode",
                                        "decode_profile", "train_compiled", "step_layout", "gpu_tests", "equivalence",
-                                       "kernels", "optim"]
+                                       "kernels", "optim", "photometric"]
     first_three = [s.cap_s for s in steps[: [s.name for s in steps].index("decode_profile") + 1]]
     assert all(0 < s.cap_s <= 240 for s in steps) and gc.DEFAULT_BUDGET_MIN <= 12
     assert sum(first_three) <= gc.DEFAULT_BUDGET_MIN * 60 < sum(s.cap_s for s in steps)
