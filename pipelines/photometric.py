@@ -248,6 +248,7 @@ def apply_photometric(
         # One host-to-device copy for all per-image factors.
         packed = torch.stack([eff[k] for k in JITTER_OPS], 1).to(device, non_blocking=True)
         dev = {k: packed[:, i].view(batch, 1, 1, 1) for i, k in enumerate(JITTER_OPS)}
+        shift = dev["hue"].view(batch, 1, 1)
         order = jitter_order(params, batch)
         # Each image runs its own order: at each of the 4 positions, every op runs on the images that have it
         # there (and move away from identity), a subset chosen on the CPU.
@@ -264,8 +265,7 @@ def apply_photometric(
                 elif name == "saturation":
                     x = _on_subset(x, mask, lambda xs, i, f=dev[name]: _blend_(xs, _gray(xs), f[i]))
                 else:
-                    shift = dev[name].view(batch, 1, 1)
-                    x = _on_subset(x, mask, lambda xs, i, s=shift: _shift_hue(xs, s[i]))
+                    x = _on_subset(x, mask, lambda xs, i: _shift_hue(xs, shift[i]))
 
     if colour:
         x = _on_subset(x, params["gray"].bool(), lambda xs, i: _gray(xs).expand_as(xs).contiguous())
