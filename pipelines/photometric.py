@@ -12,10 +12,10 @@ Distributions follow torchvision (``ColorJitter``, ``RandomGrayscale``, ``Gaussi
 
 * colour jitter fires with ``jitter_p``; factors are uniform in ``[max(0, 1 - x), 1 + x]`` for
   brightness/contrast/saturation and the hue shift uniform in ``[-hue, hue]``. The order of the four
-  ops is drawn per image, uniform over the 24 permutations, as torchvision does. (An earlier version
-  drew one order per batch: each image's marginal was still torchvision's, but every image of a step
-  shared the order, and MoCo v2, whose negatives come from other steps through its queue, learned
-  several points less with it; BENCHMARKS.md, issue 26.)
+  ops is drawn per image, uniform over the 24 permutations, as torchvision does. (Earlier versions drew
+  one order per batch: each image's marginal was still torchvision's, but every image of a
+  step shared it, a batch-level signal that a method comparing across steps (MoCo v2's queue) can
+  read; BENCHMARKS.md, issue 26, has what it did to MoCo v2.)
 * grayscale (ITU-R 601 luma, as torchvision) fires with ``gray_p``.
 * Gaussian blur fires with ``blur_p``; sigma uniform in ``blur_sigma``; kernel ~10% of the view
   size, made odd (BYOL: 23 px at 224), reflect padding, separable per-image kernels (grouped conv).
