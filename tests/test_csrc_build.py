@@ -36,7 +36,8 @@ def test_cpu_photometric_kernel_builds_and_normalizes():
     module = native.load_photometric_cpu()
     x = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 2, 3)
     factors = torch.tensor([[1.0, 1.0, 1.0, 0.0]] * 2)  # identity jitter, no gray / blur / solarize
-    out = module.photometric(x, factors, [0, 1, 2, 3], torch.zeros(2, dtype=torch.int32), torch.ones(2), 3,
+    order = torch.arange(4).repeat(2, 1)  # each image's jitter order (B, 4)
+    out = module.photometric(x, factors, order, torch.zeros(2, dtype=torch.int32), torch.ones(2), 3,
                              torch.full((3,), 2.0), torch.full((3,), -1.0))
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, (x.float() / 255) * 2 - 1)
